@@ -1,0 +1,168 @@
+"""Layers of Guided Anchoring: feature adaption (paper Sec. 3.3) and masked convolution
+(sparse inference at the locations the location branch keeps, Sec. 3.5).
+
+Shape shorthand: N images, C / O input / output channels, H x W map, P active positions,
+G deform groups, k kernel size, kk = k * k kernel points.
+
+Masked computation works for any batch size: the active positions of all images are
+gathered together, so one matmul serves the whole batch.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torchvision.ops import deform_conv2d
+
+# Active positions are processed in chunks so the sampled columns stay a few hundred MB at most.
+_CHUNK = 8192
+
+
+def _active_positions(mask: Tensor, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Indices (n, i, j), each Tensor[P], of the True entries of mask Tensor[N, H, W] matching x."""
+    if mask.dtype != torch.bool:
+        raise ValueError(f"mask must be a bool tensor, got {mask.dtype}")
+    if mask.shape != (x.shape[0], x.shape[2], x.shape[3]):
+        raise ValueError(f"mask must have shape [N, H, W] = {[x.shape[0], *x.shape[2:]]}, got {list(mask.shape)}")
+    return mask.nonzero(as_tuple=True)
+
+
+def _kernel_grid(kernel_size: int, device: torch.device) -> tuple[Tensor, Tensor]:
+    """Row and column offsets of the kernel points, Tensor[kk] each, point index = row * k + col."""
+    rows, cols = torch.meshgrid(torch.arange(kernel_size, device=device), torch.arange(kernel_size, device=device), indexing="ij")
+    return rows.reshape(-1), cols.reshape(-1)
+
+
+def conv_at_positions(x: Tensor, n: Tensor, i: Tensor, j: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    """A stride-1 'same' convolution evaluated only at positions (n, i, j): Tensor[P, O].
+
+    x: Tensor[N, C, H, W]; weight: Tensor[O, C, k, k] with odd k. The k x k neighbourhoods of
+    the positions are gathered from the zero-padded map (channels last) and multiplied with
+    the flattened weight in one matmul.
+    """
+    out_channels, in_channels, kernel_size, _ = weight.shape
+    pad = kernel_size // 2
+    padded = F.pad(x, (pad, pad, pad, pad)) if pad else x
+    channels_last = padded.permute(0, 2, 3, 1)  # [N, H + 2p, W + 2p, C]
+    rows, cols = _kernel_grid(kernel_size, x.device)
+    flat_weight = weight.reshape(out_channels, in_channels * kernel_size * kernel_size)
+    outputs = []
+    for start in range(0, n.numel(), _CHUNK):
+        sl = slice(start, start + _CHUNK)
+        patch = channels_last[n[sl, None], i[sl, None] + rows, j[sl, None] + cols]  # [P, kk, C]
+        columns = patch.permute(0, 2, 1).reshape(patch.shape[0], -1)  # [P, C * kk], index c * kk + point
+        outputs.append(columns @ flat_weight.t())  # [P, O]
+    out = torch.cat(outputs) if outputs else x.new_zeros((0, out_channels))
+    return out + bias if bias is not None else out
+
+
+def scatter_positions(values: Tensor, n: Tensor, i: Tensor, j: Tensor, like: Tensor) -> Tensor:
+    """Dense map Tensor[N, O, H, W] holding values Tensor[P, O] at (n, i, j) and 0 elsewhere."""
+    out = like.new_zeros((like.shape[0], values.shape[1], like.shape[2], like.shape[3]))
+    out[n, :, i, j] = values.to(out.dtype)
+    return out
+
+
+class MaskedConv2d(nn.Conv2d):
+    """Conv2d (stride 1, 'same' padding, odd kernel) that, in eval mode with a mask, computes
+    only the active positions and returns 0 elsewhere; dense (plain Conv2d) in training or
+    without a mask. Exactly equal to the dense conv at the active positions, any batch size.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int = 1, bias: bool = True) -> None:
+        if kernel_size % 2 != 1:
+            raise ValueError(f"MaskedConv2d needs an odd kernel_size, got {kernel_size}")
+        super().__init__(in_channels, out_channels, kernel_size, padding=kernel_size // 2, bias=bias)
+
+    def forward(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
+        """x: Tensor[N, C, H, W]; mask: Tensor[N, H, W] bool or None. Returns Tensor[N, O, H, W]."""
+        if mask is None or self.training:
+            return super().forward(x)
+        n, i, j = _active_positions(mask, x)
+        return scatter_positions(conv_at_positions(x, n, i, j, self.weight, self.bias), n, i, j, x)
+
+
+def deform_conv_at_positions(x: Tensor, offset: Tensor, n: Tensor, i: Tensor, j: Tensor, weight: Tensor) -> Tensor:
+    """DCNv1 (stride 1, 'same' padding, no bias) evaluated only at positions (n, i, j): Tensor[P, O].
+
+    x: Tensor[N, C, H, W]; offset: Tensor[P, G * 2 * kk] in torchvision's layout ((dy, dx) per
+    kernel point, point index = row * k + col, groups contiguous); weight: Tensor[O, C, k, k].
+    Samples outside the map are 0 (bilinear with zero padding), as in torchvision.ops.deform_conv2d.
+    """
+    batch, channels, height, width = x.shape
+    out_channels, _, kernel_size, _ = weight.shape
+    kk = kernel_size * kernel_size
+    groups = offset.shape[1] // (2 * kk)
+    pad = kernel_size // 2
+    rows, cols = _kernel_grid(kernel_size, x.device)
+    source = x.permute(0, 2, 3, 1).reshape(batch * height * width, groups, channels // groups)  # [NHW, G, C/G]
+    group_index = torch.arange(groups, device=x.device).view(1, groups, 1, 1)
+    flat_weight = weight.reshape(out_channels, channels * kk)
+    outputs = []
+    for start in range(0, n.numel(), _CHUNK):
+        sl = slice(start, start + _CHUNK)
+        delta = offset[sl].reshape(-1, groups, kk, 2)  # [P, G, kk, (dy, dx)]
+        ys = (i[sl, None, None] - pad + rows).to(x.dtype) + delta[..., 0]  # [P, G, kk]
+        xs = (j[sl, None, None] - pad + cols).to(x.dtype) + delta[..., 1]
+        y0, x0 = ys.floor(), xs.floor()
+        ly, lx = ys - y0, xs - x0
+        corner_y = torch.stack([y0, y0, y0 + 1, y0 + 1], dim=-1)  # [P, G, kk, 4]
+        corner_x = torch.stack([x0, x0 + 1, x0, x0 + 1], dim=-1)
+        corner_w = torch.stack([(1 - ly) * (1 - lx), (1 - ly) * lx, ly * (1 - lx), ly * lx], dim=-1)
+        inside = (corner_y >= 0) & (corner_y <= height - 1) & (corner_x >= 0) & (corner_x <= width - 1)
+        corner_w = corner_w * inside
+        flat = (n[sl, None, None, None] * height + corner_y.clamp(0, height - 1).long()) * width + corner_x.clamp(0, width - 1).long()
+        values = source[flat, group_index]  # [P, G, kk, 4, C/G]
+        sampled = (values * corner_w[..., None]).sum(dim=3)  # [P, G, kk, C/G]
+        columns = sampled.permute(0, 1, 3, 2).reshape(sampled.shape[0], channels * kk)  # index c * kk + point
+        outputs.append(columns @ flat_weight.t())  # [P, O]
+    return torch.cat(outputs) if outputs else x.new_zeros((0, out_channels))
+
+
+class FeatureAdaption(nn.Module):
+    """Feature adaption N_T: a 3x3 deformable conv (DCNv1, no bias, ``deform_groups`` groups)
+    whose offsets come from a 1x1 conv on the *detached* shape prediction, then ReLU.
+
+    offset_source="shape" is the paper's shape-guided adaption; "features" is the plain
+    deformable conv of the paper's comparison (offsets from a 3x3 conv on the features).
+    With a mask in eval mode only the active positions are computed (0 elsewhere).
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        shape_channels: int = 2,
+        kernel_size: int = 3,
+        deform_groups: int = 4,
+        offset_source: str = "shape",
+    ) -> None:
+        super().__init__()
+        if offset_source not in ("shape", "features"):
+            raise ValueError(f"offset_source must be 'shape' or 'features', got {offset_source!r}")
+        if in_channels % deform_groups:
+            raise ValueError(f"in_channels={in_channels} is not divisible by deform_groups={deform_groups}")
+        self.offset_source = offset_source
+        offset_channels = deform_groups * 2 * kernel_size * kernel_size
+        if offset_source == "shape":
+            self.conv_offset = MaskedConv2d(shape_channels, offset_channels, 1, bias=False)
+            nn.init.normal_(self.conv_offset.weight, std=0.1)
+        else:
+            self.conv_offset = MaskedConv2d(in_channels, offset_channels, 3, bias=True)
+            nn.init.zeros_(self.conv_offset.weight)
+            nn.init.zeros_(self.conv_offset.bias)
+        self.weight = nn.Parameter(torch.empty(out_channels, in_channels, kernel_size, kernel_size))
+        nn.init.normal_(self.weight, std=0.01)
+
+    def forward(self, x: Tensor, shape_pred: Tensor, mask: Tensor | None = None) -> Tensor:
+        """x: Tensor[N, C, H, W]; shape_pred: Tensor[N, 2 or 4, H, W]; mask: Tensor[N, H, W] bool
+        or None. Returns Tensor[N, O, H, W]."""
+        source = shape_pred.detach() if self.offset_source == "shape" else x
+        if mask is None or self.training:
+            offset = self.conv_offset(source)
+            pad = self.weight.shape[-1] // 2
+            return F.relu(deform_conv2d(x, offset, self.weight, padding=(pad, pad)))
+        n, i, j = _active_positions(mask, x)
+        offset = conv_at_positions(source, n, i, j, self.conv_offset.weight, self.conv_offset.bias)  # [P, G*2*kk]
+        values = F.relu(deform_conv_at_positions(x, offset, n, i, j, self.weight))  # [P, O]
+        return scatter_positions(values, n, i, j, x)

@@ -1,0 +1,38 @@
+"""Losses of the anchor generation branches (paper Sec. 3.4, Eq. 5-6).
+
+Shape shorthand: N images, A_l = H_l * W_l locations of level l, P = sampled positives.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torchvision.ops import sigmoid_focal_loss
+
+
+def location_loss(logits: Tensor, targets: Tensor, alpha: float = 0.25, gamma: float = 2.0) -> Tensor:
+    """Sigmoid focal loss of the location branch over non-ignored locations, normalised by the
+    number of positive locations (at least 1), as RetinaNet normalises its focal loss.
+
+    logits: Tensor[M] raw location scores; targets: Tensor[M] in {1, 0, -1 (ignored)}.
+    """
+    valid = targets >= 0
+    num_pos = (targets == 1).sum().clamp(min=1).to(logits.dtype)
+    loss = sigmoid_focal_loss(logits[valid], targets[valid].to(logits.dtype), alpha=alpha, gamma=gamma, reduction="sum")
+    return loss / num_pos
+
+
+def bounded_iou_shape_loss(pred_wh: Tensor, target_wh: Tensor, beta: float = 0.2) -> Tensor:
+    """Eq. 6: smoothL1(1 - min(w/wg, wg/w)) + smoothL1(1 - min(h/hg, hg/h)), per location.
+
+    pred_wh, target_wh: Tensor[P, 2] positive (w, h). Returns Tensor[P].
+    """
+    ratio = torch.minimum(pred_wh / target_wh, target_wh / pred_wh)  # [P, 2]
+    gap = 1 - ratio
+    return F.smooth_l1_loss(gap, torch.zeros_like(gap), beta=beta, reduction="none").sum(dim=1)
+
+
+def center_offset_loss(pred_offset: Tensor, target_offset: Tensor, beta: float = 0.2) -> Tensor:
+    """Loss of the centre offset predicted when centre alignment is off (Table 6 ablation):
+    smooth-L1 on offsets in units of the level stride. Tensors [P, 2]; returns Tensor[P]."""
+    return F.smooth_l1_loss(pred_offset, target_offset, beta=beta, reduction="none").sum(dim=1)

@@ -1,0 +1,180 @@
+"""A standalone proposal model (transform + backbone + FPN + RPN or GA-RPN) built from one
+frozen config; every default is visible in ``ProposerConfig``.
+
+Train mode: ``model(images, targets) -> dict of loss_* scalars``.
+Eval mode: ``model(images) -> list[dict(boxes Tensor[K, 4] xyxy in the given image's pixels,
+scores Tensor[K], levels Tensor[K] int64, num_anchors Tensor[] int64)]``.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+import torch
+from torch import Tensor, nn
+from torchvision.models.detection.transform import GeneralizedRCNNTransform
+
+from .anchors import APPROX_SHAPE_SETS
+from .backbones import BACKBONES, FPN_STRIDES, build_backbone
+from .ga_rpn import GARPN
+from .head import GuidedAnchorHead
+from .rpn import ProposalNetworkBase, build_rpn
+from .validation import check_targets
+
+
+@dataclass(frozen=True)
+class ProposerConfig:
+    """Everything that defines a proposal model. Defaults are the paper's GA-RPN settings on
+    the tiny CPU backbone at 256 px."""
+
+    kind: str = "ga_rpn"  # "rpn" | "ga_rpn"
+    backbone: str = "tiny"  # "tiny" | "resnet18" | "resnet50"
+    pretrained_backbone: bool = False
+    trainable_backbone_layers: int = 3
+    fpn_channels: int = 64
+    min_size: int = 256
+    max_size: int = 256
+    rpn_anchor_scales: int = 1  # RPN baseline: 1 scale x 3 ratios, or 3 x 3 ("9 anchors")
+    # GA-RPN ablation switches (paper Tables 4-6)
+    use_location: bool = True
+    use_shape: bool = True
+    use_feature_adaption: bool = True
+    center_alignment: bool = True
+    adaption: str = "guided"  # "guided" | "plain_deform"
+    loc_threshold: float = 0.01  # eps_L
+    approx_samples: int = 9  # K of the vIoU estimate: 3, 9, 15
+    center_ratio: float = 0.2  # sigma1
+    ignore_ratio: float = 0.5  # sigma2
+    loc_weight: float = 1.0  # lambda1
+    shape_weight: float = 0.1  # lambda2
+    anchor_center_offset: float = 0.5  # 0.5 = paper, 0.0 = reference code
+    # test-time selection (both kinds)
+    pre_nms_top_n: int = 2000
+    post_nms_per_level: int = 1000
+    post_nms_top_n: int = 1000
+    nms_thresh: float = 0.7
+
+    def __post_init__(self) -> None:
+        def require(ok: bool, field: str, why: str) -> None:
+            if not ok:
+                raise ValueError(f"ProposerConfig.{field}={getattr(self, field)!r}: {why}")
+
+        for f in fields(self):
+            value = getattr(self, f.name)
+            expected = {"bool": bool, "int": int, "float": (int, float), "str": str}[f.type]
+            if not isinstance(value, expected) or (f.type != "bool" and isinstance(value, bool)):
+                raise ValueError(f"ProposerConfig.{f.name}={value!r}: expected {f.type}")
+        require(self.kind in ("rpn", "ga_rpn"), "kind", "must be 'rpn' or 'ga_rpn'")
+        require(self.backbone in BACKBONES, "backbone", f"must be one of {BACKBONES}")
+        require(not (self.pretrained_backbone and self.backbone == "tiny"), "pretrained_backbone", "the tiny backbone has no pretrained weights")
+        require(0 <= self.trainable_backbone_layers <= 5, "trainable_backbone_layers", "must be in [0, 5]")
+        require(self.fpn_channels > 0 and self.fpn_channels % 8 == 0, "fpn_channels", "must be a positive multiple of 8")
+        require(32 <= self.min_size <= self.max_size, "min_size", "need 32 <= min_size <= max_size")
+        require(self.rpn_anchor_scales in (1, 3), "rpn_anchor_scales", "must be 1 or 3")
+        require(self.adaption in ("guided", "plain_deform"), "adaption", "must be 'guided' or 'plain_deform'")
+        require(
+            not (self.use_feature_adaption and self.adaption == "guided" and not self.use_shape),
+            "use_feature_adaption",
+            "shape-guided adaption needs use_shape=True (or adaption='plain_deform')",
+        )
+        require(0 <= self.loc_threshold < 1, "loc_threshold", "must be in [0, 1)")
+        require(self.approx_samples in APPROX_SHAPE_SETS, "approx_samples", f"must be one of {sorted(APPROX_SHAPE_SETS)}")
+        require(0 < self.center_ratio <= self.ignore_ratio <= 1, "center_ratio", "need 0 < center_ratio <= ignore_ratio <= 1")
+        require(self.loc_weight >= 0, "loc_weight", "must be >= 0")
+        require(self.shape_weight >= 0, "shape_weight", "must be >= 0")
+        require(0 <= self.anchor_center_offset <= 1, "anchor_center_offset", "must be in [0, 1]")
+        for name in ("pre_nms_top_n", "post_nms_per_level", "post_nms_top_n"):
+            require(getattr(self, name) > 0, name, "must be > 0")
+        require(0 < self.nms_thresh <= 1, "nms_thresh", "must be in (0, 1]")
+
+
+class Proposer(nn.Module):
+    """transform -> backbone (FPN) -> RPN or GA-RPN; see the module docstring for outputs."""
+
+    def __init__(self, transform: GeneralizedRCNNTransform, backbone: nn.Module, rpn: ProposalNetworkBase) -> None:
+        super().__init__()
+        self.transform = transform
+        self.backbone = backbone
+        self.rpn = rpn
+
+    def forward(self, images: list[Tensor], targets: list[dict[str, Tensor]] | None = None):
+        """images: list of Tensor[3, H_i, W_i] float in [0, 1]; targets (training): list of
+        dict(boxes=Tensor[K_i, 4] xyxy pixels, ...)."""
+        if not isinstance(images, (list, tuple)) or not images:
+            raise ValueError("images must be a non-empty list of Tensor[3, H, W]")
+        for i, image in enumerate(images):
+            if not isinstance(image, Tensor) or image.dim() != 3 or image.shape[0] != 3:
+                raise ValueError(f"images[{i}] must be a Tensor[3, H, W], got {getattr(image, 'shape', type(image).__name__)}")
+            if not image.is_floating_point():
+                raise ValueError(f"images[{i}] must be floating point in [0, 1], got {image.dtype}")
+        if self.training:
+            targets = check_targets(targets, len(images))
+            targets = [{"boxes": t["boxes"]} for t in targets]
+        original_sizes = [tuple(image.shape[-2:]) for image in images]
+        image_list, targets = self.transform(list(images), targets)
+        features = self.backbone(image_list.tensors)
+        out = self.rpn.propose(image_list, features, targets)
+        if self.training:
+            return out.losses
+        results = [
+            {"boxes": b, "scores": s, "levels": l, "num_anchors": n}
+            for b, s, l, n in zip(out.boxes, out.scores, out.levels, out.num_anchors)
+        ]
+        return self.transform.postprocess(results, image_list.image_sizes, original_sizes)
+
+
+def build_proposal_network(cfg: ProposerConfig, in_channels: int, proposals_in_training: bool = True) -> ProposalNetworkBase:
+    """The RPN baseline or GA-RPN of cfg, for FPN maps with ``in_channels`` channels
+    (usable on its own, e.g. ``FasterRCNN(...).rpn = build_proposal_network(cfg, 256)``)."""
+    common = dict(
+        pre_nms_top_n=cfg.pre_nms_top_n,
+        post_nms_per_level=cfg.post_nms_per_level,
+        post_nms_top_n=cfg.post_nms_top_n,
+        nms_thresh=cfg.nms_thresh,
+        proposals_in_training=proposals_in_training,
+    )
+    if cfg.kind == "rpn":
+        return build_rpn(in_channels, FPN_STRIDES, cfg.rpn_anchor_scales, **common)
+    head = GuidedAnchorHead(
+        in_channels,
+        use_location=cfg.use_location,
+        use_shape=cfg.use_shape,
+        use_feature_adaption=cfg.use_feature_adaption,
+        center_alignment=cfg.center_alignment,
+        adaption=cfg.adaption,
+    )
+    return GARPN(
+        head,
+        FPN_STRIDES,
+        loc_threshold=cfg.loc_threshold if cfg.use_location else 0.0,
+        approx_samples=cfg.approx_samples,
+        center_ratio=cfg.center_ratio,
+        ignore_ratio=cfg.ignore_ratio,
+        loc_weight=cfg.loc_weight,
+        shape_weight=cfg.shape_weight,
+        center_offset=cfg.anchor_center_offset,
+        **common,
+    )
+
+
+def build_proposer(cfg: ProposerConfig) -> Proposer:
+    """The standalone proposal model of cfg (it computes no proposals in training)."""
+    backbone = build_backbone(cfg.backbone, cfg.fpn_channels, cfg.pretrained_backbone, cfg.trainable_backbone_layers)
+    transform = GeneralizedRCNNTransform(
+        cfg.min_size, cfg.max_size, image_mean=[0.485, 0.456, 0.406], image_std=[0.229, 0.224, 0.225], size_divisible=64
+    )
+    return Proposer(transform, backbone, build_proposal_network(cfg, backbone.out_channels, proposals_in_training=False))
+
+
+def load_state_dict_checked(model: nn.Module, state_dict: dict[str, Tensor], source: str = "checkpoint") -> None:
+    """Strict load that fails with a ValueError listing missing / unexpected / mis-shaped keys."""
+    own = model.state_dict()
+    missing = sorted(set(own) - set(state_dict))
+    unexpected = sorted(set(state_dict) - set(own))
+    mis_shaped = sorted(k for k in set(own) & set(state_dict) if own[k].shape != state_dict[k].shape)
+    if missing or unexpected or mis_shaped:
+        def head(keys: list[str]) -> str:
+            return ", ".join(keys[:5]) + (f" (+{len(keys) - 5} more)" if len(keys) > 5 else "")
+
+        problems = [f"{label}: {head(keys)}" for label, keys in (("missing", missing), ("unexpected", unexpected), ("shape mismatch", mis_shaped)) if keys]
+        raise ValueError(f"{source} does not match the model ({'; '.join(problems)})")
+    model.load_state_dict(state_dict)

@@ -1,0 +1,145 @@
+"""Training targets of the anchor generation branches (paper Sec. 3.1-3.2, ga-reference "Targets").
+
+Shape shorthand: K = GT boxes of one image, L = FPN levels, H_l x W_l = level grid,
+A = sum_l H_l * W_l locations (level-major, row-major within a level), S = approx shapes.
+"""
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+from torchvision.models.detection._utils import BalancedPositiveNegativeSampler, Matcher
+from torchvision.ops import box_iou
+
+from .anchors import approx_shapes, assign_levels, boxes_from_centers, grid_centers
+from .validation import check_boxes
+
+
+def _region_masks(grid_boxes: Tensor, ratio: float, height: int, width: int) -> Tensor:
+    """Central ``ratio`` region of each box on a grid, filled inclusively: Tensor[K, H, W] bool.
+
+    grid_boxes: Tensor[K, 4] xyxy in grid units (input pixels / stride). Corners are
+    x1 = round((1-r) bx1 + r bx2), x2 = round(r bx1 + (1-r) bx2) with r = (1 - ratio) / 2,
+    round = floor(v + 0.5), clamped to the grid.
+    """
+    r = (1.0 - ratio) / 2.0
+    lo = torch.floor((1 - r) * grid_boxes[:, :2] + r * grid_boxes[:, 2:] + 0.5)  # [K, 2] (x1, y1)
+    hi = torch.floor(r * grid_boxes[:, :2] + (1 - r) * grid_boxes[:, 2:] + 0.5)  # [K, 2] (x2, y2)
+    limits = grid_boxes.new_tensor([width - 1, height - 1])
+    lo = torch.minimum(lo.clamp(min=0), limits)
+    hi = torch.minimum(hi.clamp(min=0), limits)
+    xs = torch.arange(width, device=grid_boxes.device)
+    ys = torch.arange(height, device=grid_boxes.device)
+    in_x = (xs[None] >= lo[:, 0:1]) & (xs[None] <= hi[:, 0:1])  # [K, W]
+    in_y = (ys[None] >= lo[:, 1:2]) & (ys[None] <= hi[:, 1:2])  # [K, H]
+    return in_y[:, :, None] & in_x[:, None, :]  # [K, H, W]
+
+
+def location_targets(
+    gt_boxes: Tensor,
+    featmap_sizes: list[tuple[int, int]],
+    strides: list[int],
+    center_ratio: float = 0.2,
+    ignore_ratio: float = 0.5,
+    octave_base_scale: float = 8,
+) -> list[Tensor]:
+    """Anchor-location targets of one image: a Tensor[H_l, W_l] float per level with
+    1 = positive (centre region CR), 0 = negative (outside OR), -1 = ignored.
+
+    gt_boxes: Tensor[K, 4] xyxy in input pixels (K may be 0). Each box is assigned to one
+    level (``assign_levels``); on that level its CR (central ``center_ratio``) is positive and
+    its IR (central ``ignore_ratio`` minus CR) ignored; its IR is also ignored on the two
+    adjacent levels. Precedence is the paper's: CR beats IR beats OR, whichever box they come from.
+    """
+    check_boxes(gt_boxes, "gt_boxes")
+    if len(featmap_sizes) != len(strides):
+        raise ValueError(f"got {len(featmap_sizes)} featmap_sizes for {len(strides)} strides")
+    if not 0 < center_ratio <= ignore_ratio <= 1:
+        raise ValueError(f"need 0 < center_ratio <= ignore_ratio <= 1, got {center_ratio}, {ignore_ratio}")
+    levels = assign_levels(gt_boxes, strides, octave_base_scale)  # [K]
+    targets = []
+    for level, ((height, width), stride) in enumerate(zip(featmap_sizes, strides)):
+        target = gt_boxes.new_zeros((height, width))
+        on_level = levels == level
+        adjacent = (levels - level).abs() == 1
+        grid_boxes = gt_boxes / stride
+        ignore = _region_masks(grid_boxes[on_level | adjacent], ignore_ratio, height, width).any(0)
+        positive = _region_masks(grid_boxes[on_level], center_ratio, height, width).any(0)
+        target[ignore] = -1.0
+        target[positive] = 1.0
+        targets.append(target)
+    return targets
+
+
+class ShapeTargets(NamedTuple):
+    """Shape-branch targets of one image over all A locations.
+
+    labels: Tensor[A] int64, 1 = positive, 0 = negative, -1 = ignored.
+    matched_boxes: Tensor[A, 4] xyxy of the assigned GT (zeros where not positive).
+    viou: Tensor[A] float, the vIoU estimate of the assigned GT (0 when K = 0).
+    """
+
+    labels: Tensor
+    matched_boxes: Tensor
+    viou: Tensor
+
+
+def approx_anchors(
+    featmap_sizes: list[tuple[int, int]],
+    strides: list[int],
+    approx_samples: int,
+    device: torch.device,
+    octave_base_scale: float = 8,
+    center_offset: float = 0.5,
+) -> Tensor:
+    """The S sampled anchors at every location: Tensor[A, S, 4] xyxy, levels concatenated."""
+    per_level = []
+    for (height, width), stride in zip(featmap_sizes, strides):
+        centers = grid_centers(height, width, stride, device, center_offset)  # [A_l, 2]
+        shapes = approx_shapes(approx_samples, stride, octave_base_scale).to(device)  # [S, 2]
+        per_level.append(boxes_from_centers(centers[:, None, :], shapes[None, :, :]))  # [A_l, S, 4]
+    return torch.cat(per_level, dim=0)
+
+
+def shape_targets(
+    gt_boxes: Tensor,
+    approx: Tensor,
+    pos_iou: float = 0.7,
+    neg_iou: float = 0.3,
+    min_pos_iou: float = 0.3,
+) -> ShapeTargets:
+    """Max-IoU assignment of locations to GT boxes by vIoU (paper Eq. 3-4).
+
+    gt_boxes: Tensor[K, 4] xyxy; approx: Tensor[A, S, 4] from ``approx_anchors``.
+    vIoU(location, gt) is approximated by the best IoU over the S sampled shapes, which is
+    never larger than the IoU of the best possible anchor (so vIoU >= IoU of each sample).
+    A location is positive at vIoU >= pos_iou, negative below neg_iou, and each GT also
+    claims its best-vIoU locations when that vIoU >= min_pos_iou.
+    """
+    check_boxes(gt_boxes, "gt_boxes")
+    num_locations, num_samples = approx.shape[:2]
+    if gt_boxes.shape[0] == 0:
+        return ShapeTargets(
+            labels=approx.new_zeros(num_locations, dtype=torch.int64),
+            matched_boxes=approx.new_zeros((num_locations, 4)),
+            viou=approx.new_zeros(num_locations),
+        )
+    iou = box_iou(gt_boxes, approx.reshape(-1, 4)).view(-1, num_locations, num_samples)  # [K, A, S]
+    viou = iou.amax(dim=2)  # [K, A]
+    matched = Matcher(pos_iou, neg_iou, allow_low_quality_matches=True)(viou)  # [A]
+    best_viou, _ = viou.max(dim=0)  # [A]
+    positive = (matched >= 0) & (best_viou >= min_pos_iou)
+    labels = torch.full_like(matched, -1)
+    labels[best_viou < neg_iou] = 0
+    labels[positive] = 1
+    matched_boxes = gt_boxes[matched.clamp(min=0)] * positive[:, None]
+    return ShapeTargets(labels=labels, matched_boxes=matched_boxes, viou=best_viou * positive)
+
+
+def sample_shape_positives(labels: list[Tensor], batch_size_per_image: int = 256, positive_fraction: float = 0.5) -> list[Tensor]:
+    """Sample the locations that carry shape loss (torchvision's balanced sampler; only the
+    sampled positives are used). labels: per image Tensor[A]. Returns per image Tensor[A] bool."""
+    sampler = BalancedPositiveNegativeSampler(batch_size_per_image, positive_fraction)
+    positives, _ = sampler(labels)
+    return [p.bool() for p in positives]

@@ -1,0 +1,2 @@
+def main() -> None:
+    raise SystemExit("pipeline not built yet")

@@ -1,0 +1,319 @@
+"""COCO metrics for proposals and detections, computed by pycocotools' ``COCOeval``.
+
+Shape shorthand: K proposals/detections of one image; T = 10 IoU thresholds (0.50:0.05:0.95);
+A area ranges (all, small < 32^2, medium 32^2..96^2, large > 96^2, pycocotools' defaults,
+measured on the ground truth's ``area`` field); M = number of ``maxDets`` settings.
+
+Inputs map image id -> arrays in the image's *original* pixels:
+
+- proposals:  ``{image_id: (boxes ndarray[K, 4] xyxy, scores ndarray[K])}``
+- detections: ``{image_id: (boxes ndarray[K, 4] xyxy, scores ndarray[K], labels ndarray[K] category ids)}``
+
+Proposal recall follows the paper's Table 1 convention: class-agnostic (``useCats = 0``),
+the top-N proposals by score per image, recall averaged over the 10 IoU thresholds.
+An image of the evaluated subset without an entry has no proposals: its objects count as
+missed. A metric with no ground truth to measure (e.g. ``AR_L`` on a subset without large
+objects) is ``nan``, where pycocotools writes -1.
+
+``ann_file`` is a path to a COCO annotation JSON or an already loaded ``pycocotools.coco.COCO``
+(pass the object to evaluate several times without re-reading the file).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import math
+import os
+import statistics
+from collections.abc import Iterable, Mapping, Sequence
+
+import numpy as np
+from pycocotools.coco import COCO
+from pycocotools.cocoeval import COCOeval
+
+IOU_THRESHOLDS: tuple[float, ...] = tuple(np.round(np.linspace(0.5, 0.95, 10), 2).tolist())
+PROPOSAL_MAX_DETS: tuple[int, ...] = (100, 300, 1000)
+AREA_RANGES: dict[str, tuple[float, float]] = {
+    "all": (0.0, 1e10),
+    "small": (0.0, 32.0**2),
+    "medium": (32.0**2, 96.0**2),
+    "large": (96.0**2, 1e10),
+}
+CURVE_NUM_PROPOSALS: tuple[int, ...] = (10, 20, 50, 100, 200, 300, 500, 1000)
+CURVE_IOUS: tuple[float, ...] = (0.5, 0.7)  # recall-vs-#proposals at these single IoUs, besides the 0.5:0.95 mean
+DETECTION_STATS: tuple[str, ...] = ("AP", "AP50", "AP75", "AP_S", "AP_M", "AP_L")  # COCOeval.stats[0:6]
+
+
+def load_ground_truth(ann_file: str | os.PathLike | COCO) -> COCO:
+    """Load a COCO annotation file quietly (or return a given ``COCO`` unchanged).
+
+    Raises ``FileNotFoundError`` for a missing file and ``ValueError`` naming the file (and the
+    annotation id) for malformed JSON or an annotation without ``bbox``/``area``/``iscrowd``.
+    """
+    if isinstance(ann_file, COCO):
+        gt = ann_file
+        source = "annotations"
+    else:
+        source = os.fspath(ann_file)
+        if not os.path.isfile(source):
+            raise FileNotFoundError(f"annotation file not found: {source}")
+        try:
+            with _quiet():
+                gt = COCO(source)
+        except (json.JSONDecodeError, UnicodeDecodeError, AssertionError, KeyError, TypeError) as e:
+            raise ValueError(f"{source}: not a valid COCO annotation file ({type(e).__name__}: {e})") from e
+    for ann in gt.dataset.get("annotations", []):
+        missing = [k for k in ("bbox", "area", "iscrowd") if k not in ann]
+        if missing:
+            raise ValueError(f"{source}: annotation id {ann.get('id')} lacks field(s) {', '.join(missing)}")
+    return gt
+
+
+def evaluate_proposals(
+    ann_file: str | os.PathLike | COCO,
+    proposals: Mapping[int, tuple[np.ndarray, np.ndarray]],
+    image_ids: Iterable[int] | None = None,
+) -> dict[str, float]:
+    """Average recall of class-agnostic proposals (paper Table 1).
+
+    Returns ``AR_100``, ``AR_300``, ``AR_1000`` (all areas) and ``AR_S``, ``AR_M``, ``AR_L``
+    (at 100 proposals), each a fraction in [0, 1] or ``nan`` when there is no ground truth to
+    recall. ``image_ids`` restricts the evaluation to a subset (default: every image of the
+    annotation file).
+    """
+    gt = load_ground_truth(ann_file)
+    ids = _image_subset(gt, image_ids)
+    entries = _validate(gt, proposals, with_labels=False)
+    recall = _proposal_recall(gt, entries, ids, PROPOSAL_MAX_DETS, tuple(AREA_RANGES.values()))  # [T, A, M]
+    ar = _mean_over_iou(recall)  # [A, M]
+    areas = list(AREA_RANGES)
+    at100 = PROPOSAL_MAX_DETS.index(100)
+    out = {f"AR_{n}": ar[areas.index("all"), m] for m, n in enumerate(PROPOSAL_MAX_DETS)}
+    out.update(
+        AR_S=ar[areas.index("small"), at100],
+        AR_M=ar[areas.index("medium"), at100],
+        AR_L=ar[areas.index("large"), at100],
+    )
+    return {k: float(v) for k, v in out.items()}
+
+
+def recall_curves(
+    ann_file: str | os.PathLike | COCO,
+    proposals: Mapping[int, tuple[np.ndarray, np.ndarray]],
+    image_ids: Iterable[int] | None = None,
+    num_proposals: Sequence[int] = CURVE_NUM_PROPOSALS,
+    iou_curve_num_proposals: Sequence[int] = PROPOSAL_MAX_DETS,
+) -> dict:
+    """Recall vs number of proposals and vs IoU threshold (the data behind the paper's Fig. 3).
+
+    All areas, class-agnostic, one ``COCOeval`` run. Returns plain JSON-serialisable data::
+
+        {"num_proposals": [10, 20, ...],                 # N values, ascending
+         "recall_vs_proposals": {"0.50:0.95": [...],     # average recall, one value per N
+                                 "0.50": [...], "0.70": [...]},  # recall at one IoU, per N
+         "iou_thresholds": [0.5, 0.55, ..., 0.95],
+         "recall_vs_iou": {"100": [...], "300": [...], "1000": [...]}}  # one value per threshold
+
+    Values are fractions in [0, 1], or ``nan`` when the subset has no ground truth.
+    """
+    gt = load_ground_truth(ann_file)
+    ids = _image_subset(gt, image_ids)
+    entries = _validate(gt, proposals, with_labels=False)
+    curve_n = sorted({int(n) for n in num_proposals})
+    iou_n = sorted({int(n) for n in iou_curve_num_proposals})
+    if not curve_n or not iou_n or min(curve_n + iou_n) < 1:
+        raise ValueError("num_proposals and iou_curve_num_proposals must be non-empty positive integers")
+    max_dets = sorted(set(curve_n) | set(iou_n))
+    recall = _proposal_recall(gt, entries, ids, max_dets, (AREA_RANGES["all"],))  # [T, A=1, M]
+    ar = _mean_over_iou(recall)[0]  # [M]
+    recall = np.where(recall > -1, recall, np.nan)[:, 0, :]  # [T, M]
+    at_n = [max_dets.index(n) for n in curve_n]
+    vs_proposals = {"0.50:0.95": [float(ar[m]) for m in at_n]}
+    for iou in CURVE_IOUS:
+        t = IOU_THRESHOLDS.index(iou)
+        vs_proposals[f"{iou:.2f}"] = [float(recall[t, m]) for m in at_n]
+    return {
+        "num_proposals": curve_n,
+        "recall_vs_proposals": vs_proposals,
+        "iou_thresholds": list(IOU_THRESHOLDS),
+        "recall_vs_iou": {str(n): [float(r) for r in recall[:, max_dets.index(n)]] for n in iou_n},
+    }
+
+
+def evaluate_detections(
+    ann_file: str | os.PathLike | COCO,
+    detections: Mapping[int, tuple[np.ndarray, np.ndarray, np.ndarray]],
+    image_ids: Iterable[int] | None = None,
+) -> dict[str, float]:
+    """COCO box AP of class-labelled detections: ``AP`` (0.50:0.95), ``AP50``, ``AP75``,
+    ``AP_S``, ``AP_M``, ``AP_L`` as fractions in [0, 1] (``nan`` where undefined), from
+    ``COCOeval.summarize`` with the standard parameters (up to 100 detections per image)."""
+    gt = load_ground_truth(ann_file)
+    ids = _image_subset(gt, image_ids)
+    entries = _validate(gt, detections, with_labels=True)
+    anns = []
+    for img_id in ids:
+        if img_id in entries:
+            boxes, scores, labels = entries[img_id]
+            anns.extend(_to_results(img_id, boxes, scores, labels))
+    ev = COCOeval(gt, _results_coco(gt, anns), iouType="bbox")
+    ev.params.imgIds = ids
+    with _quiet():
+        ev.evaluate()
+        ev.accumulate()
+        ev.summarize()
+    return {name: _nan_if_negative(float(ev.stats[i])) for i, name in enumerate(DETECTION_STATS)}
+
+
+def anchors_per_image(counts: Sequence[int]) -> dict[str, float]:
+    """Statistics of the number of anchors a proposer evaluated per image.
+
+    Returns ``anchors_per_image`` (the mean, the MLflow metric) and ``anchors_per_image_median``,
+    ``_min``, ``_max``. ``ValueError`` for an empty list or a negative count.
+    """
+    values = [float(c) for c in counts]
+    if not values:
+        raise ValueError("anchors_per_image: no counts given")
+    if any(not math.isfinite(v) or v < 0 for v in values):
+        raise ValueError(f"anchors_per_image: counts must be finite and >= 0, got {min(values)}")
+    return {
+        "anchors_per_image": statistics.fmean(values),
+        "anchors_per_image_median": float(statistics.median(values)),
+        "anchors_per_image_min": min(values),
+        "anchors_per_image_max": max(values),
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def _quiet():
+    """Swallow pycocotools' progress prints."""
+    with contextlib.redirect_stdout(io.StringIO()):
+        yield
+
+
+def _image_subset(gt: COCO, image_ids: Iterable[int] | None) -> list[int]:
+    known = set(gt.getImgIds())
+    ids = sorted(known) if image_ids is None else sorted({_image_id(i) for i in image_ids})
+    for i in ids:
+        if i not in known:
+            raise ValueError(f"image id {i} is not in the annotation file")
+    if not ids:
+        raise ValueError("no images to evaluate (empty image subset or annotation file without images)")
+    return ids
+
+
+def _image_id(key) -> int:
+    if isinstance(key, (bool, np.bool_)) or not isinstance(key, (int, np.integer)):
+        raise ValueError(f"image id {key!r} is not an integer")
+    return int(key)
+
+
+def _validate(gt: COCO, entries: Mapping, *, with_labels: bool) -> dict[int, tuple[np.ndarray, ...]]:
+    """Check every entry; returns {image_id: (boxes float64[K, 4], scores float64[K][, labels int64[K]])}."""
+    known = set(gt.getImgIds())
+    cat_ids = set(gt.getCatIds())
+    n_fields = 3 if with_labels else 2
+    what = "(boxes, scores, labels)" if with_labels else "(boxes, scores)"
+    out = {}
+    for key, value in entries.items():
+        img_id = _image_id(key)
+        if img_id not in known:
+            raise ValueError(f"image id {img_id} is not in the annotation file")
+        if not isinstance(value, (tuple, list)) or len(value) != n_fields:
+            raise ValueError(f"image id {img_id}: expected a tuple {what}")
+        boxes = np.asarray(value[0], dtype=np.float64)
+        scores = np.asarray(value[1], dtype=np.float64)
+        if boxes.ndim != 2 or boxes.shape[1] != 4:
+            raise ValueError(f"image id {img_id}: boxes must have shape [K, 4], got {list(boxes.shape)}")
+        k = boxes.shape[0]
+        if scores.shape != (k,):
+            raise ValueError(f"image id {img_id}: scores must have shape [{k}], got {list(scores.shape)}")
+        if not (np.isfinite(boxes).all() and np.isfinite(scores).all()):
+            raise ValueError(f"image id {img_id}: boxes or scores contain NaN or inf")
+        if (boxes[:, 2] < boxes[:, 0]).any() or (boxes[:, 3] < boxes[:, 1]).any():
+            raise ValueError(f"image id {img_id}: boxes must be xyxy with x2 >= x1 and y2 >= y1")
+        fields = (boxes, scores)
+        if with_labels:
+            labels = np.asarray(value[2])
+            if labels.shape != (k,) or (k and not np.issubdtype(labels.dtype, np.integer)):
+                raise ValueError(f"image id {img_id}: labels must be integers of shape [{k}], got {labels.dtype} {list(labels.shape)}")
+            unknown = set(labels.astype(np.int64).tolist()) - cat_ids
+            if unknown:
+                raise ValueError(f"image id {img_id}: labels {sorted(unknown)} are not category ids of the annotation file")
+            fields += (labels.astype(np.int64),)
+        out[img_id] = fields
+    return out
+
+
+def _to_results(img_id: int, boxes: np.ndarray, scores: np.ndarray, labels) -> list[dict]:
+    """COCO result dicts (bbox xywh) of one image; ``labels`` is an int64[K] array or one category id."""
+    xywh = boxes.copy()  # [K, 4] xyxy -> xywh
+    xywh[:, 2:] -= xywh[:, :2]
+    labels = np.broadcast_to(np.asarray(labels, dtype=np.int64), scores.shape)
+    return [
+        {"image_id": img_id, "category_id": c, "bbox": b, "score": s, "area": b[2] * b[3], "iscrowd": 0}
+        for b, s, c in zip(xywh.tolist(), scores.tolist(), labels.tolist())
+    ]
+
+
+def _results_coco(gt: COCO, anns: list[dict]) -> COCO:
+    """The result set as a ``COCO`` object, built directly rather than with ``COCO.loadRes``,
+    which fails on an empty list and adds a polygon per box that box evaluation never reads."""
+    for i, ann in enumerate(anns, start=1):
+        ann["id"] = i
+    res = COCO()
+    res.dataset = {"images": gt.dataset["images"], "categories": gt.dataset.get("categories", []), "annotations": anns}
+    with _quiet():
+        res.createIndex()
+    return res
+
+
+def _proposal_recall(
+    gt: COCO,
+    entries: Mapping[int, tuple[np.ndarray, np.ndarray]],
+    ids: list[int],
+    max_dets: Sequence[int],
+    area_ranges: Sequence[tuple[float, float]],
+) -> np.ndarray:
+    """Class-agnostic recall, ``ndarray[T, A, M]`` (-1 where there is no ground truth)."""
+    cat_ids = gt.getCatIds()
+    # useCats=0 pools detections over params.catIds, so any existing category id will do.
+    agnostic_cat = cat_ids[0] if cat_ids else 0
+    top = max(max_dets)
+    anns = []
+    for img_id in ids:
+        if img_id in entries:
+            boxes, scores = entries[img_id]
+            order = np.argsort(-scores, kind="stable")[:top]  # rank by score, then truncate
+            anns.extend(_to_results(img_id, boxes[order], scores[order], agnostic_cat))
+    ev = COCOeval(gt, _results_coco(gt, anns), iouType="bbox")
+    p = ev.params
+    p.imgIds = ids
+    p.useCats = 0
+    p.maxDets = sorted(int(m) for m in max_dets)
+    p.areaRng = [list(a) for a in area_ranges]
+    p.areaRngLbl = [str(i) for i in range(len(area_ranges))]
+    p.iouThrs = np.array(IOU_THRESHOLDS)
+    with _quiet():
+        ev.evaluate()
+        ev.accumulate()
+    return ev.eval["recall"][:, 0, :, :]  # [T, K=1, A, M] -> [T, A, M]
+
+
+def _mean_over_iou(recall: np.ndarray) -> np.ndarray:
+    """``recall[T, A, M]`` -> ``ndarray[A, M]`` averaged over thresholds; nan where it was -1.
+
+    pycocotools writes -1 for a setting without ground truth; it is -1 at every threshold or none.
+    """
+    valid = recall > -1
+    mean = np.where(valid, recall, 0.0).sum(axis=0) / np.maximum(valid.sum(axis=0), 1)
+    return np.where(valid.any(axis=0), mean, np.nan)
+
+
+def _nan_if_negative(value: float) -> float:
+    return math.nan if value < 0 else value

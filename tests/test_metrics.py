@@ -1,0 +1,237 @@
+"""Hand-checkable cases for stages.metrics (pycocotools COCOeval underneath)."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+
+from stages import metrics
+from stages.metrics import anchors_per_image, evaluate_detections, evaluate_proposals, load_ground_truth, recall_curves
+
+
+def write_coco(path, boxes_per_image, *, size=1000, crowd=(), categories=(1, 2)):
+    """COCO file with images 1..N; ``boxes_per_image[i]`` lists (x1, y1, x2, y2[, category]) of image i+1."""
+    images, anns = [], []
+    for i, boxes in enumerate(boxes_per_image, start=1):
+        images.append({"id": i, "file_name": f"{i}.png", "width": size, "height": size})
+        for b in boxes:
+            x1, y1, x2, y2 = b[:4]
+            anns.append(
+                {
+                    "id": len(anns) + 1,
+                    "image_id": i,
+                    "category_id": b[4] if len(b) > 4 else categories[0],
+                    "bbox": [x1, y1, x2 - x1, y2 - y1],
+                    "area": (x2 - x1) * (y2 - y1),
+                    "iscrowd": int(len(anns) + 1 in crowd),
+                }
+            )
+    cats = [{"id": c, "name": f"c{c}"} for c in categories]
+    path.write_text(json.dumps({"images": images, "annotations": anns, "categories": cats}))
+    return path
+
+
+def props(*boxes, scores=None):
+    boxes = np.asarray(boxes, dtype=np.float32).reshape(-1, 4)
+    if scores is None:
+        scores = np.linspace(1.0, 0.5, len(boxes))
+    return boxes, np.asarray(scores, dtype=np.float32)
+
+
+GT_BOX = (100, 100, 200, 200)  # 100 x 100, area 10000 -> "large" (> 96^2)
+
+
+def test_perfect_proposals_give_recall_one(tmp_path):
+    small, medium, large = (10, 10, 30, 30), (100, 100, 150, 150), (300, 300, 500, 500)
+    ann = write_coco(tmp_path / "a.json", [[small, medium], [large]])
+    result = evaluate_proposals(ann, {1: props(small, medium), 2: props(large)})
+    assert result == {"AR_100": 1.0, "AR_300": 1.0, "AR_1000": 1.0, "AR_S": 1.0, "AR_M": 1.0, "AR_L": 1.0}
+
+
+@pytest.mark.parametrize(
+    "proposal, n_thresholds_hit",
+    [
+        ((100, 100, 200, 172), 5),  # IoU 0.72: thresholds 0.50 ... 0.70 match
+        ((100, 100, 200, 150), 1),  # IoU 0.50 exactly: only 0.50 (matching is IoU >= threshold)
+        ((100, 100, 200, 196), 10),  # IoU 0.96: all ten
+        ((100, 100, 200, 140), 0),  # IoU 0.40: none
+    ],
+)
+def test_shifted_box_recall_per_iou_threshold(tmp_path, proposal, n_thresholds_hit):
+    ann = write_coco(tmp_path / "a.json", [[GT_BOX]])
+    proposals = {1: props(proposal)}
+    expected = [1.0] * n_thresholds_hit + [0.0] * (10 - n_thresholds_hit)
+    curves = recall_curves(ann, proposals)
+    assert curves["iou_thresholds"] == [0.5, 0.55, 0.6, 0.65, 0.7, 0.75, 0.8, 0.85, 0.9, 0.95]
+    for n in ("100", "300", "1000"):
+        assert curves["recall_vs_iou"][n] == expected
+    result = evaluate_proposals(ann, proposals)
+    assert result["AR_100"] == pytest.approx(n_thresholds_hit / 10)
+    assert result["AR_L"] == pytest.approx(n_thresholds_hit / 10)
+
+
+def ranked_case(tmp_path):
+    """One image, 3 GT boxes; 1000 proposals whose matches sit at score ranks 50, 200 and 800."""
+    gts = [(0, 0, 100, 100), (200, 0, 300, 100), (400, 0, 500, 100)]
+    ann = write_coco(tmp_path / "a.json", [gts])
+    rng = np.random.default_rng(0)
+    junk = np.tile([900.0, 900.0, 910.0, 910.0], (1000, 1))  # overlaps no GT
+    junk[:, :2] -= rng.uniform(0, 5, (1000, 2))
+    scores = np.linspace(1.0, 0.001, 1000)  # rank r has scores[r]
+    for gt, rank in zip(gts, (50, 200, 800)):
+        junk[rank] = gt
+    perm = rng.permutation(1000)  # input order must not matter: proposals are ranked by score
+    return ann, {1: (junk[perm], scores[perm])}
+
+
+def test_recall_grows_with_number_of_proposals(tmp_path):
+    ann, proposals = ranked_case(tmp_path)
+    result = evaluate_proposals(ann, proposals)
+    assert result["AR_100"] == pytest.approx(1 / 3)
+    assert result["AR_300"] == pytest.approx(2 / 3)
+    assert result["AR_1000"] == pytest.approx(1.0)
+    assert result["AR_100"] <= result["AR_300"] <= result["AR_1000"]
+
+
+def test_recall_curves_vs_number_of_proposals(tmp_path):
+    ann, proposals = ranked_case(tmp_path)
+    curves = recall_curves(ann, proposals)
+    assert curves["num_proposals"] == [10, 20, 50, 100, 200, 300, 500, 1000]
+    third = 1 / 3
+    expected = [0, 0, 0, third, third, 2 * third, 2 * third, 1.0]  # rank 50 is the 51st proposal
+    for key in ("0.50:0.95", "0.50", "0.70"):
+        assert curves["recall_vs_proposals"][key] == pytest.approx(expected)
+    json.dumps(curves, allow_nan=False)  # plain JSON data
+
+
+def test_image_without_proposals_counts_as_missed(tmp_path):
+    ann = write_coco(tmp_path / "a.json", [[GT_BOX], [GT_BOX]])
+    assert evaluate_proposals(ann, {1: props(GT_BOX)})["AR_100"] == pytest.approx(0.5)
+    empty = (np.zeros((0, 4), np.float32), np.zeros((0,), np.float32))
+    assert evaluate_proposals(ann, {1: props(GT_BOX), 2: empty})["AR_100"] == pytest.approx(0.5)
+    assert evaluate_proposals(ann, {})["AR_1000"] == 0.0
+
+
+def test_subset_evaluation(tmp_path):
+    ann = write_coco(tmp_path / "a.json", [[GT_BOX], [GT_BOX], [GT_BOX]])
+    proposals = {1: props(GT_BOX), 3: props(GT_BOX)}
+    assert evaluate_proposals(ann, proposals, image_ids=[1])["AR_100"] == 1.0
+    assert evaluate_proposals(ann, proposals, image_ids=[1, 2])["AR_100"] == pytest.approx(0.5)
+    assert evaluate_proposals(ann, proposals)["AR_100"] == pytest.approx(2 / 3)
+    with pytest.raises(ValueError, match="image id 7"):
+        evaluate_proposals(ann, proposals, image_ids=[1, 7])
+    with pytest.raises(ValueError, match="no images"):
+        evaluate_proposals(ann, proposals, image_ids=[])
+
+
+def test_area_ranges_use_ground_truth_area(tmp_path):
+    small, medium, large = (0, 0, 20, 20), (100, 100, 150, 150), (300, 300, 500, 500)  # areas 400, 2500, 40000
+    ann = write_coco(tmp_path / "a.json", [[small, medium, large]])
+    result = evaluate_proposals(ann, {1: props(medium)})
+    assert (result["AR_S"], result["AR_M"], result["AR_L"]) == (0.0, 1.0, 0.0)
+    assert result["AR_100"] == pytest.approx(1 / 3)
+    only_small = evaluate_proposals(write_coco(tmp_path / "b.json", [[small]]), {1: props(small)})
+    assert only_small["AR_S"] == 1.0
+    assert math.isnan(only_small["AR_M"]) and math.isnan(only_small["AR_L"])  # no GT to recall
+
+
+def test_crowd_boxes_are_not_counted(tmp_path):
+    ann = write_coco(tmp_path / "a.json", [[GT_BOX, (500, 500, 600, 600)]], crowd={2})
+    assert evaluate_proposals(ann, {1: props(GT_BOX)})["AR_100"] == 1.0
+
+
+def test_proposals_are_class_agnostic(tmp_path):
+    ann = write_coco(tmp_path / "a.json", [[(*GT_BOX, 1), (300, 300, 400, 400, 2)]])
+    assert evaluate_proposals(ann, {1: props(GT_BOX, (300, 300, 400, 400))})["AR_100"] == 1.0
+
+
+def test_preloaded_ground_truth_is_accepted(tmp_path):
+    gt = load_ground_truth(write_coco(tmp_path / "a.json", [[GT_BOX]]))
+    assert evaluate_proposals(gt, {1: props(GT_BOX)})["AR_100"] == 1.0
+    assert recall_curves(gt, {1: props(GT_BOX)})["recall_vs_proposals"]["0.50"][0] == 1.0
+
+
+def test_detection_ap(tmp_path):
+    gts = [(0, 0, 100, 100, 1), (200, 200, 300, 300, 2)]
+    ann = write_coco(tmp_path / "a.json", [gts])
+    boxes = np.array([g[:4] for g in gts], np.float32)
+    scores = np.array([0.9, 0.8], np.float32)
+    perfect = evaluate_detections(ann, {1: (boxes, scores, np.array([1, 2]))})
+    assert perfect["AP"] == pytest.approx(1.0) and perfect["AP50"] == pytest.approx(1.0)
+    assert perfect["AP75"] == pytest.approx(1.0) and perfect["AP_L"] == pytest.approx(1.0)
+    assert math.isnan(perfect["AP_S"])  # no small GT
+    swapped = evaluate_detections(ann, {1: (boxes, scores, np.array([2, 1]))})
+    assert swapped["AP"] == 0.0
+    half = evaluate_detections(ann, {1: (boxes, scores, np.array([1, 1]))})
+    assert 0.0 < half["AP"] < 1.0
+    assert set(perfect) == {"AP", "AP50", "AP75", "AP_S", "AP_M", "AP_L"}
+    assert evaluate_detections(ann, {})["AP"] == 0.0
+
+
+def test_detection_label_must_be_a_category(tmp_path):
+    ann = write_coco(tmp_path / "a.json", [[GT_BOX]])
+    with pytest.raises(ValueError, match=r"image id 1: labels \[9\]"):
+        evaluate_detections(ann, {1: (*props(GT_BOX), np.array([9]))})
+
+
+@pytest.mark.parametrize(
+    "entry, message",
+    [
+        ((np.zeros((2, 3)), np.zeros(2)), r"image id 1: boxes must have shape \[K, 4\]"),
+        ((np.zeros((2, 4)), np.zeros(3)), r"image id 1: scores must have shape \[2\]"),
+        ((np.array([[0, 0, np.nan, 10]]), np.ones(1)), "image id 1: .*NaN"),
+        ((np.array([[0, 0, 10, 10]]), np.array([np.nan])), "image id 1: .*NaN"),
+        ((np.array([[10, 0, 5, 10]]), np.ones(1)), "image id 1: .*x2 >= x1"),
+        (np.zeros((1, 4)), r"image id 1: expected a tuple"),
+    ],
+)
+def test_bad_proposals_are_rejected(tmp_path, entry, message):
+    ann = write_coco(tmp_path / "a.json", [[GT_BOX]])
+    with pytest.raises(ValueError, match=message):
+        evaluate_proposals(ann, {1: entry})
+
+
+def test_unknown_image_id_is_rejected(tmp_path):
+    ann = write_coco(tmp_path / "a.json", [[GT_BOX]])
+    with pytest.raises(ValueError, match="image id 42 is not in the annotation file"):
+        evaluate_proposals(ann, {1: props(GT_BOX), 42: props(GT_BOX)})
+
+
+def test_bad_annotation_files(tmp_path):
+    bad = tmp_path / "bad.json"
+    bad.write_text("{not json")
+    with pytest.raises(ValueError, match="bad.json"):
+        evaluate_proposals(bad, {})
+    with pytest.raises(FileNotFoundError, match="missing.json"):
+        evaluate_proposals(tmp_path / "missing.json", {})
+    no_area = tmp_path / "no_area.json"
+    no_area.write_text(json.dumps({"images": [{"id": 1}], "categories": [{"id": 1}],
+                                   "annotations": [{"id": 5, "image_id": 1, "category_id": 1, "bbox": [0, 0, 1, 1], "iscrowd": 0}]}))
+    with pytest.raises(ValueError, match="annotation id 5 lacks field.*area"):
+        evaluate_proposals(no_area, {})
+
+
+def test_stdout_stays_quiet(tmp_path, capsys):
+    ann = write_coco(tmp_path / "a.json", [[GT_BOX]])
+    evaluate_proposals(ann, {1: props(GT_BOX)})
+    evaluate_detections(ann, {1: (*props(GT_BOX), np.array([1]))})
+    assert capsys.readouterr().out == ""
+
+
+def test_anchors_per_image_statistics():
+    stats = anchors_per_image([10, 20, 60])
+    assert stats == {"anchors_per_image": 30.0, "anchors_per_image_median": 20.0,
+                     "anchors_per_image_min": 10.0, "anchors_per_image_max": 60.0}
+    with pytest.raises(ValueError):
+        anchors_per_image([])
+    with pytest.raises(ValueError):
+        anchors_per_image([3, -1])
+
+
+def test_iou_thresholds_match_pycocotools_defaults():
+    from pycocotools.cocoeval import Params
+
+    assert np.allclose(metrics.IOU_THRESHOLDS, Params(iouType="bbox").iouThrs)
