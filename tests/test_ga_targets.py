@@ -1,0 +1,140 @@
+"""Hand-computed anchor-location and anchor-shape targets."""
+import math
+
+import pytest
+import torch
+from torchvision.ops import box_iou
+
+from ga_models import location_targets, shape_targets
+from ga_models.anchors import approx_shapes, assign_levels
+from ga_models.targets import approx_anchors, sample_shape_positives
+
+STRIDES = [4, 8, 16]
+SIZES = [(16, 16), (8, 8), (4, 4)]  # a 64 x 64 input
+
+
+def expected_map(size, ignore=(), positive=()):
+    """A level map from inclusive (r0, r1, c0, c1) rectangles: ignore first, then positive."""
+    target = torch.zeros(size)
+    for r0, r1, c0, c1 in ignore:
+        target[r0 : r1 + 1, c0 : c1 + 1] = -1
+    for r0, r1, c0, c1 in positive:
+        target[r0 : r1 + 1, c0 : c1 + 1] = 1
+    return target
+
+
+def test_level_assignment_boundaries():
+    # s_min = 4, base 8: scale < 32*sqrt(2) -> P2, < 64*sqrt(2) -> P3, ... clamped to the last level
+    side = torch.tensor([10.0, 45.0, 45.5, 90.0, 91.0, 181.0, 182.0, 1000.0])
+    boxes = torch.stack([torch.zeros_like(side), torch.zeros_like(side), side, side], 1)
+    assert assign_levels(boxes, [4, 8, 16, 32, 64]).tolist() == [0, 0, 1, 1, 2, 2, 3, 4]
+
+
+def test_single_box_centre_ignore_and_adjacent_level():
+    # 32x32 box -> level 0; grid box [2, 2, 10, 10]: CR (r=0.4) = 5..7, IR (r=0.25) = 4..8;
+    # adjacent level 1: grid box [1, 1, 5, 5], IR = 2..4; level 2 is two levels away: all negative.
+    targets = location_targets(torch.tensor([[8.0, 8.0, 40.0, 40.0]]), SIZES, STRIDES)
+    assert torch.equal(targets[0], expected_map((16, 16), ignore=[(4, 8, 4, 8)], positive=[(5, 7, 5, 7)]))
+    assert torch.equal(targets[1], expected_map((8, 8), ignore=[(2, 4, 2, 4)]))
+    assert torch.equal(targets[2], torch.zeros(4, 4))
+
+
+def test_centre_region_beats_other_boxes_ignore_region():
+    # A = [8, 8, 40, 40]: CR cols 5..7; B = [20, 8, 52, 40] (grid [5, 2, 13, 10]): IR cols 7..11,
+    # CR cols 8..10. Column 7 is A's CR and B's IR: the paper's rule keeps it positive.
+    boxes = torch.tensor([[8.0, 8.0, 40.0, 40.0], [20.0, 8.0, 52.0, 40.0]])
+    targets = location_targets(boxes, SIZES, STRIDES)
+    expected = expected_map((16, 16), ignore=[(4, 8, 4, 8), (4, 8, 7, 11)], positive=[(5, 7, 5, 7), (5, 7, 8, 10)])
+    assert torch.equal(targets[0], expected)
+    assert targets[0][5:8, 7].eq(1).all()
+    # the order of the boxes does not matter
+    assert torch.equal(location_targets(boxes.flip(0), SIZES, STRIDES)[0], expected)
+
+
+def test_box_at_image_border_is_clamped_to_the_grid():
+    # 4x4 box in the bottom-right corner: grid [15, 15, 16, 16]; CR rounds to 15..16 -> clamped to 15.
+    targets = location_targets(torch.tensor([[60.0, 60.0, 64.0, 64.0]]), SIZES, STRIDES)
+    assert targets[0][15, 15] == 1
+    assert (targets[0] == 1).sum() == 1
+    assert targets[1][7, 7] == -1  # adjacent-level ignore, clamped too
+
+
+def test_no_boxes_gives_all_negative_maps():
+    targets = location_targets(torch.zeros(0, 4), SIZES, STRIDES)
+    assert [tuple(t.shape) for t in targets] == SIZES
+    assert all((t == 0).all() for t in targets)
+
+
+@pytest.mark.parametrize(
+    "boxes, message",
+    [
+        (torch.tensor([[10.0, 10.0, 5.0, 20.0]]), "x2 <= x1"),
+        (torch.tensor([[10.0, 10.0, float("nan"), 20.0]]), "not finite"),
+        (torch.tensor([1.0, 2.0, 3.0, 4.0]), "shape"),
+        (torch.tensor([[1, 2, 3, 4]]), "floating point"),
+    ],
+)
+def test_bad_boxes_are_rejected(boxes, message):
+    with pytest.raises(ValueError, match=message):
+        location_targets(boxes, SIZES, STRIDES)
+    with pytest.raises(ValueError, match=message):
+        shape_targets(boxes, approx_anchors(SIZES, STRIDES, 9, torch.device("cpu")))
+
+
+def test_approx_shape_sets():
+    for k in (3, 9, 15):
+        shapes = approx_shapes(k, stride=8)
+        assert shapes.shape == (k, 2)
+        # every sampled shape has an area of (8 * s * scale)^2 with scale in 2^(0, 1/3, 2/3)
+        sides = (shapes[:, 0] * shapes[:, 1]).sqrt() / 64
+        assert all(any(math.isclose(s, 2 ** (i / 3), rel_tol=1e-5) for i in range(3)) for s in sides.tolist())
+    with pytest.raises(ValueError, match="approx_samples"):
+        approx_shapes(4, stride=8)
+
+
+def test_shape_targets_hand_checked():
+    # one level, stride 8, 8x8 grid, K = 3 shapes (90.5x45.3, 64x64, 45.3x90.5) centred at ((j+.5)8, (i+.5)8).
+    approx = approx_anchors([(8, 8)], [8], 3, torch.device("cpu"))
+    gt = torch.tensor([[-20.0, -20.0, 44.0, 44.0]])  # exactly the 64x64 sample at (i, j) = (1, 1)
+    result = shape_targets(gt, approx)
+    at = lambda i, j: i * 8 + j  # noqa: E731
+    assert result.viou[at(1, 1)] == pytest.approx(1.0)
+    assert result.viou[at(1, 2)] == pytest.approx(3584 / 4608)  # shifted 8 px: 56*64 / (2*64*64 - 56*64)
+    assert result.viou[at(2, 2)] == pytest.approx(3136 / 5056)  # shifted 8 px both ways
+    assert result.labels[at(1, 1)] == 1 and result.labels[at(1, 2)] == 1  # >= 0.7
+    assert result.labels[at(2, 2)] == -1  # between 0.3 and 0.7: ignored
+    # shifted 16 px both ways: the square sample gives 48*48 / (8192 - 48*48) = 0.391, the wide
+    # 90.5 x 45.3 one overlaps 61.25 x 38.63 -> 2366 / (4096 + 4096 - 2366) = 0.406: vIoU takes the max.
+    wide = 64 * 2**0.5
+    inter = (44 - (28 - wide / 2)) * (44 - (28 - wide / 4))
+    assert result.viou[at(3, 3)] == pytest.approx(max(2304 / 5888, inter / (8192 - inter)), rel=1e-5)
+    assert result.labels[at(3, 3)] == -1
+    assert result.labels[at(7, 7)] == 0  # shifted 48 px both ways: far below 0.3
+    assert torch.equal(result.matched_boxes[at(1, 1)], gt[0])
+    assert (result.matched_boxes[result.labels != 1] == 0).all()
+
+
+@pytest.mark.parametrize("k", [3, 9, 15])
+def test_viou_is_at_least_the_iou_of_every_sample(k):
+    torch.manual_seed(k)
+    approx = approx_anchors(SIZES, STRIDES, k, torch.device("cpu"))
+    xy = torch.rand(6, 2) * 40
+    gt = torch.cat([xy, xy + 24 + torch.rand(6, 2) * 36], dim=1)  # sides 24-60: every GT reaches vIoU >= 0.3
+    result = shape_targets(gt, approx)
+    iou = box_iou(gt, approx.reshape(-1, 4)).view(6, -1, k)  # [K, A, S]
+    assert (result.viou[None, :, None] >= iou - 1e-6).all()
+    assert (result.labels == 1).any()
+    # every GT claims at least one location (the min-pos rule)
+    matched = result.matched_boxes[result.labels == 1]
+    assert all((matched == g).all(dim=1).any() for g in gt)
+
+
+def test_shape_targets_without_boxes_and_sampler():
+    approx = approx_anchors(SIZES, STRIDES, 9, torch.device("cpu"))
+    empty = shape_targets(torch.zeros(0, 4), approx)
+    assert (empty.labels == 0).all() and empty.labels.shape == (approx.shape[0],)
+    labels = torch.full((1000,), 0, dtype=torch.int64)
+    labels[:300] = 1
+    sampled = sample_shape_positives([labels, torch.zeros(1000, dtype=torch.int64)], batch_size_per_image=256)
+    assert sampled[0].sum() == 128 and sampled[0][300:].sum() == 0  # at most half of 256, positives only
+    assert sampled[1].sum() == 0
