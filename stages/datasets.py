@@ -138,7 +138,7 @@ class CocoDetection(Dataset):
 
 def collate(batch):
     """Non-empty ``[(image, target), ...] -> (list[image], list[target])`` (images differ in size)."""
-    images, targets = zip(*batch)
+    images, targets = zip(*batch, strict=True)
     return list(images), list(targets)
 
 
@@ -232,7 +232,8 @@ def _load(ann_file: Path, image_root: Path, strict: bool):
         bbox = ann.get("bbox")
         if not (isinstance(bbox, list) and len(bbox) == 4
                 and all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in bbox)):
-            raise fail(f"annotation id {ann_id} (image id {rec.image_id}): 'bbox' must be 4 finite numbers, got {bbox!r}")
+            raise fail(f"annotation id {ann_id} (image id {rec.image_id}): "
+                       f"'bbox' must be 4 finite numbers, got {bbox!r}")
         if ann.get("iscrowd", 0) not in (0, 1):
             raise fail(f"annotation id {ann_id} (image id {rec.image_id}): 'iscrowd' must be 0 or 1")
         x, y, w, h = (float(v) for v in bbox)

@@ -77,7 +77,7 @@ _PARQUET_OPTIONS = dict(
     use_byte_stream_split=["boxes.list.element", "scores.list.element"],
     write_statistics=["image_id"],
 )
-_SHARD_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
+_SHARD_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
 
 Proposals = tuple[np.ndarray, np.ndarray, np.ndarray]  # boxes float32[K, 4], scores float32[K], levels int64[K]
 
@@ -135,7 +135,7 @@ class ProposalCache:
         K may be 0; float arrays are stored as float32. Raises ``ProposalCacheError`` naming the
         image id for bad shapes, non-finite values, levels outside 0..127 or a repeated image id.
         """
-        if not isinstance(shard_id, str) or not _SHARD_ID.match(shard_id):
+        if not isinstance(shard_id, str) or not _SHARD_ID.fullmatch(shard_id):
             raise ProposalCacheError(f"invalid shard id {shard_id!r}: use letters, digits, '_', '-', '.' (max 128)")
         if self.is_complete():
             raise ProposalCacheError(f"{self._path(MANIFEST)}: cache is already finalized; write a new cache instead")
@@ -368,7 +368,7 @@ def _check_metadata(metadata: Mapping[str, str]) -> dict[str, str]:
 
 
 def _json_bytes(obj: dict) -> bytes:
-    return json.dumps(obj, indent=1, sort_keys=True).encode("utf-8")
+    return json.dumps(obj, sort_keys=True).encode("utf-8")
 
 
 def _to_table(shard_id: str, items: Iterable, metadata: dict[str, str]) -> pa.Table:

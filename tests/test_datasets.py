@@ -122,7 +122,8 @@ def test_horizontal_flip_maps_boxes_and_pixels(make):
 
 
 def test_no_flip_when_probability_zero_or_eval(make):
-    for ds in (make(train=True, hflip_prob=0.0, min_size=20, max_size=40), make(hflip_prob=1.0, min_size=20, max_size=40)):
+    for ds in (make(train=True, hflip_prob=0.0, min_size=20, max_size=40),
+               make(train=False, hflip_prob=1.0, min_size=20, max_size=40)):
         _, t = ds[0]
         assert torch.equal(t["boxes"][0], torch.tensor([4.0, 2.0, 14.0, 8.0]))
 

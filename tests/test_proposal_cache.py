@@ -245,7 +245,7 @@ def test_bad_items_are_rejected(tmp_path, item, message):
 
 def test_bad_shard_ids_and_metadata(tmp_path):
     cache = ProposalCache(tmp_path / "c")
-    for bad in ("../escape", "a/b", "", ".hidden"):
+    for bad in ("../escape", "a/b", "", ".hidden", "x\n"):
         with pytest.raises(ProposalCacheError, match="invalid shard id"):
             cache.write_shard(bad, [])
     with pytest.raises(ProposalCacheError, match="appears twice"):

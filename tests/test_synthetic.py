@@ -32,7 +32,7 @@ def _xywh(data):
 def test_layout_and_return_values(tmp_path):
     ann_file, root = generate(tmp_path, 3, 64, seed=1)
     assert ann_file == tmp_path / "annotations.json" and root == tmp_path / "images"
-    assert sorted(_files(tmp_path)) == ["annotations.json", "images/000001.png", "images/000002.png", "images/000003.png"]
+    assert sorted(_files(tmp_path)) == ["annotations.json"] + [f"images/00000{i}.png" for i in (1, 2, 3)]
     data = json.loads(ann_file.read_text())
     assert data["categories"] == CATEGORIES and len(CATEGORIES) == 5
     assert [im["id"] for im in data["images"]] == [1, 2, 3]
