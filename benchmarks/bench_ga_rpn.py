@@ -1,0 +1,146 @@
+"""GA-RPN vs the RPN baseline on the same backbone and images, in one run, plus the masked
+(sparse) head against the dense head at several active fractions.
+
+1. Trains both proposers (tiny FPN backbone, 256 px) for ``--train-steps`` steps on the synthetic
+   dataset, timing each train step (batch ``--batch``), then times inference per image on the
+   validation images with the trained weights (so the location filter keeps what a trained
+   GA-RPN keeps, not what an untrained one does).
+2. Times the part of the GA head that runs after the location filter (feature adaption + cls +
+   reg convs) densely and with masks of 100%, 30%, 6.5% and 3% active positions.
+
+Prints a table and writes JSON (default benchmarks/results/ga_rpn.json). Goals: sparse head at
+6.5% active <= 0.2x dense; GA-RPN inference <= 1.2x RPN (the paper's own: 1.44x).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from ga_models import GuidedAnchorHead, ProposerConfig, build_proposer
+from stages.datasets import CocoDetection, collate
+from stages.synthetic import generate
+
+GOALS = {"max_sparse_head_ratio_at_6.5%": 0.2, "max_ga_vs_rpn_inference_ratio": 1.2}
+FRACTIONS = (1.0, 0.3, 0.065, 0.03)
+
+
+def timed(fn, repeats: int) -> float:
+    """Median wall seconds of fn() over repeats (after one warm-up call)."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return sorted(times)[len(times) // 2]
+
+
+def train_and_time(kind: str, train: CocoDetection, steps: int, batch: int) -> tuple[torch.nn.Module, float]:
+    """Train a proposer for ``steps`` SGD steps; returns it and the median seconds per step."""
+    torch.manual_seed(0)
+    model = build_proposer(ProposerConfig(kind=kind)).train()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=1e-4)
+    loader = torch.utils.data.DataLoader(train, batch_size=batch, shuffle=True, collate_fn=collate, drop_last=True)
+    step_times = []
+    while len(step_times) < steps:
+        for images, targets in loader:
+            start = time.perf_counter()
+            losses = model(images, targets)
+            optimizer.zero_grad()
+            sum(losses.values()).backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 35.0)
+            optimizer.step()
+            step_times.append(time.perf_counter() - start)
+            if len(step_times) == steps:
+                break
+    return model.eval(), sorted(step_times[5:])[len(step_times[5:]) // 2]
+
+
+def inference_seconds(model: torch.nn.Module, images: list[torch.Tensor]) -> tuple[float, float]:
+    """(median seconds per image at batch 1, mean anchors per image)."""
+    anchors = []
+
+    def run():
+        with torch.no_grad():
+            for image in images:
+                anchors.append(float(model([image])[0]["num_anchors"]))
+
+    seconds = timed(run, repeats=3) / len(images)
+    return seconds, sum(anchors) / len(anchors)
+
+
+def head_times(channels: int, size: int, batch: int, repeats: int) -> dict[str, float]:
+    """Seconds of feature adaption + cls + reg, dense vs masked at each active fraction."""
+    torch.manual_seed(0)
+    head = GuidedAnchorHead(channels).eval()
+    x = torch.randn(batch, channels, size, size)
+    shape = torch.randn(batch, 2, size, size)
+
+    def after_filter(mask):
+        with torch.no_grad():
+            feat = head.feature_adaption(x, shape, mask)
+            head.conv_cls(feat, mask), head.conv_reg(feat, mask)
+
+    result = {"dense": timed(lambda: after_filter(None), repeats)}
+    for fraction in FRACTIONS:
+        mask = torch.rand(batch, size, size) < fraction
+        result[f"{fraction:.1%}"] = timed(lambda: after_filter(mask), repeats)
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--train-steps", type=int, default=60)
+    parser.add_argument("--batch", type=int, default=2)
+    parser.add_argument("--val-images", type=int, default=20)
+    parser.add_argument("--head-size", type=int, default=128, help="side of the feature map of the head benchmark")
+    parser.add_argument("--head-channels", type=int, default=64)
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results/ga_rpn.json"))
+    args = parser.parse_args()
+
+    with tempfile.TemporaryDirectory() as tmp:
+        train_ann, train_root = generate(Path(tmp) / "train", 40, 256, seed=0)
+        val_ann, val_root = generate(Path(tmp) / "val", args.val_images, 256, seed=1)
+        train = CocoDetection(train_ann, train_root, min_size=256, max_size=256, train=True)
+        val_images = [image for image, _ in CocoDetection(val_ann, val_root, min_size=256, max_size=256)]
+        models = {}
+        rows = {}
+        for kind in ("rpn", "ga_rpn"):
+            models[kind], step = train_and_time(kind, train, args.train_steps, args.batch)
+            infer, anchors = inference_seconds(models[kind], val_images)
+            rows[kind] = {"train_step_s": step, "inference_s_per_image": infer, "anchors_per_image": anchors}
+
+    heads = head_times(args.head_channels, args.head_size, 2, repeats=5)
+    ratios = {
+        "ga_vs_rpn_train_step": rows["ga_rpn"]["train_step_s"] / rows["rpn"]["train_step_s"],
+        "ga_vs_rpn_inference": rows["ga_rpn"]["inference_s_per_image"] / rows["rpn"]["inference_s_per_image"],
+        **{f"sparse_head_{k}_vs_dense": v / heads["dense"] for k, v in heads.items() if k != "dense"},
+    }
+    print(f"{'model':8} {'train step s':>13} {'infer s/img':>12} {'anchors/img':>12}")
+    for kind, row in rows.items():
+        print(f"{kind:8} {row['train_step_s']:13.3f} {row['inference_s_per_image']:12.4f} {row['anchors_per_image']:12.0f}")
+    print(f"\nhead after the location filter, {args.head_channels} ch, 2 x {args.head_size}^2:")
+    for key, seconds in heads.items():
+        print(f"  {key:>7}: {seconds * 1000:8.2f} ms  ({seconds / heads['dense']:.3f}x dense)")
+    print("\nratios:", json.dumps({k: round(v, 3) for k, v in ratios.items()}))
+    met = {
+        "max_sparse_head_ratio_at_6.5%": ratios["sparse_head_6.5%_vs_dense"] <= GOALS["max_sparse_head_ratio_at_6.5%"],
+        "max_ga_vs_rpn_inference_ratio": ratios["ga_vs_rpn_inference"] <= GOALS["max_ga_vs_rpn_inference_ratio"],
+    }
+    print("goals met:", met)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps({
+        "machine": {"platform": platform.platform(), "threads": torch.get_num_threads(), "torch": torch.__version__},
+        "settings": vars(args) | {"out": str(args.out)},
+        "models": rows, "head_seconds": heads, "ratios": ratios, "goals": GOALS, "goals_met": met,
+    }, indent=2))
+
+
+if __name__ == "__main__":
+    main()
