@@ -17,11 +17,13 @@ from torchvision.models.detection.image_list import ImageList
 from torchvision.models.detection.rpn import RegionProposalNetwork, RPNHead, concat_box_prediction_layers
 
 from .proposals import Proposals, select_proposals
+from .targets import MinPosIoUMatcher
 from .validation import check_targets
 
 
 class ProposalNetworkBase(RegionProposalNetwork):
-    """Common test-time selection and RPN cls/reg losses of the baseline and GA-RPN."""
+    """Common test-time selection and RPN cls/reg losses of the baseline and GA-RPN. The
+    assigner is the reference's for both (0.7 / 0.3, min_pos_iou 0.3, see MinPosIoUMatcher)."""
 
     def __init__(
         self,
@@ -30,6 +32,7 @@ class ProposalNetworkBase(RegionProposalNetwork):
         *,
         fg_iou_thresh: float = 0.7,
         bg_iou_thresh: float = 0.3,
+        min_pos_iou: float = 0.3,
         batch_size_per_image: int = 256,
         positive_fraction: float = 0.5,
         pre_nms_top_n: int = 2000,
@@ -53,6 +56,7 @@ class ProposalNetworkBase(RegionProposalNetwork):
             nms_thresh,
         )
         self.box_coder = det_utils.BoxCoder(weights=box_coder_weights)
+        self.proposal_matcher = MinPosIoUMatcher(fg_iou_thresh, bg_iou_thresh, min_pos_iou)
         self.post_nms_per_level = post_nms_per_level
         self.proposals_in_training = proposals_in_training
 

@@ -36,6 +36,30 @@ def _region_masks(grid_boxes: Tensor, ratio: float, height: int, width: int) -> 
     return in_y[:, :, None] & in_x[:, None, :]  # [K, H, W]
 
 
+class MinPosIoUMatcher(Matcher):
+    """torchvision's Matcher (pos >= high, neg < low, each GT also claims its best-IoU
+    predictions) plus the reference's ``min_pos_iou``: a best-IoU claim below it is dropped
+    (the prediction stays negative or ignored as its IoU says). Without it a GT with no
+    well-shaped anchor is matched to an anchor of IoU ~0.05, whose huge regression target
+    destabilises training."""
+
+    def __init__(self, high_threshold: float, low_threshold: float, min_pos_iou: float) -> None:
+        super().__init__(high_threshold, low_threshold, allow_low_quality_matches=True)
+        self.min_pos_iou = min_pos_iou
+
+    def __call__(self, match_quality_matrix: Tensor) -> Tensor:
+        """match_quality_matrix: Tensor[K, A]. Returns Tensor[A] int64: GT index, -1 (below
+        low), or -2 (between thresholds)."""
+        matches = super().__call__(match_quality_matrix)
+        if match_quality_matrix.numel() == 0:
+            return matches
+        best, _ = match_quality_matrix.max(dim=0)  # [A]
+        weak = (matches >= 0) & (best < self.min_pos_iou)
+        matches[weak & (best < self.low_threshold)] = self.BELOW_LOW_THRESHOLD
+        matches[weak & (best >= self.low_threshold)] = self.BETWEEN_THRESHOLDS
+        return matches
+
+
 def location_targets(
     gt_boxes: Tensor,
     featmap_sizes: list[tuple[int, int]],
@@ -127,11 +151,11 @@ def shape_targets(
         )
     iou = box_iou(gt_boxes, approx.reshape(-1, 4)).view(-1, num_locations, num_samples)  # [K, A, S]
     viou = iou.amax(dim=2)  # [K, A]
-    matched = Matcher(pos_iou, neg_iou, allow_low_quality_matches=True)(viou)  # [A]
+    matched = MinPosIoUMatcher(pos_iou, neg_iou, min_pos_iou)(viou)  # [A]
     best_viou, _ = viou.max(dim=0)  # [A]
-    positive = (matched >= 0) & (best_viou >= min_pos_iou)
+    positive = matched >= 0
     labels = torch.full_like(matched, -1)
-    labels[best_viou < neg_iou] = 0
+    labels[matched == MinPosIoUMatcher.BELOW_LOW_THRESHOLD] = 0
     labels[positive] = 1
     matched_boxes = gt_boxes[matched.clamp(min=0)] * positive[:, None]
     return ShapeTargets(labels=labels, matched_boxes=matched_boxes, viou=best_viou)

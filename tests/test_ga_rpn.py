@@ -152,7 +152,7 @@ def test_ga_rpn_overfits_one_image():
     model = build_proposer(ProposerConfig(kind="ga_rpn", min_size=128, max_size=128))
     before = recall_at(model, iou=0.7)
     optimizer = torch.optim.Adam(model.parameters(), lr=2e-3)
-    for _ in range(60):
+    for _ in range(100):
         losses = model.train()([toy_image()], [{"boxes": BOXES}])
         optimizer.zero_grad()
         sum(losses.values()).backward()

@@ -45,7 +45,7 @@ if [[ -x "$VENV/bin/ray" ]]; then
 fi
 command -v ray >/dev/null || die "'ray' not found (looked in $VENV/bin and on PATH); run 'make venv' first"
 command -v mlflow >/dev/null || die "'mlflow' not found (looked in $VENV/bin and on PATH)"
-PYTHON="$(command -v python)"
+PYTHON="$(command -v python)" || die "'python' not found (looked in $VENV/bin and on PATH)"
 
 alive() { [[ -f "$1" ]] && kill -0 "$(cat "$1")" 2>/dev/null; }
 if alive "$STATE_DIR/ray.pid" || alive "$STATE_DIR/mlflow.pid"; then
@@ -53,10 +53,13 @@ if alive "$STATE_DIR/ray.pid" || alive "$STATE_DIR/mlflow.pid"; then
 fi
 
 for port in "$RAY_PORT" "$DASHBOARD_PORT" "$CLIENT_PORT" "$AGENT_PORT" "$MLFLOW_PORT"; do
-    "$PYTHON" - "$HOST" "$port" <<'EOF' || die "port $port on 127.0.0.1 is already in use (set the CLUSTER_*_PORT variables)"
+    # As the servers will bind: on all interfaces (Ray's GCS listens on every address) and
+    # with SO_REUSEADDR (a port left in TIME_WAIT by a stopped server is free to reuse).
+    "$PYTHON" - "$port" <<'EOF' || die "port $port is already in use (set the CLUSTER_*_PORT variables)"
 import socket, sys
 with socket.socket() as s:
-    s.bind((sys.argv[1], int(sys.argv[2])))
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    s.bind(("", int(sys.argv[1])))
 EOF
 done
 
@@ -80,10 +83,17 @@ MLFLOW_URI="http://$HOST:$MLFLOW_PORT"
 DASHBOARD_URL="http://$HOST:$DASHBOARD_PORT"
 GCS_ADDRESS="$HOST:$RAY_PORT"
 export MLFLOW_TRACKING_URI="$MLFLOW_URI"
+{
+    echo "export RAY_ADDRESS=$GCS_ADDRESS"
+    echo "export RAY_API_SERVER_ADDRESS=$DASHBOARD_URL"
+    echo "export RAY_AUTH_MODE=token"
+    if [[ -n "${RAY_AUTH_TOKEN_PATH:-}" ]]; then echo "export RAY_AUTH_TOKEN_PATH=$RAY_AUTH_TOKEN_PATH"; fi
+    echo "export MLFLOW_TRACKING_URI=$MLFLOW_URI"
+} >"$STATE_DIR/env.sh"
 
 on_error() {
     echo "clusters/local/start.sh: start failed; logs in $STATE_DIR; stopping what was started" >&2
-    CLUSTER_STATE_DIR="$STATE_DIR" "$ROOT/clusters/local/stop.sh" >&2 || true
+    CLUSTER_STATE_DIR="$STATE_DIR" CLUSTER_VENV="$VENV" "$ROOT/clusters/local/stop.sh" >&2 || true
 }
 trap on_error ERR
 
@@ -110,10 +120,15 @@ wait_until "mlflow server" "$STATE_DIR/mlflow.pid" curl -sf "$MLFLOW_URI/health"
 
 # Ray head: --block keeps `ray start` in the foreground of its session; on SIGTERM it shuts
 # down the GCS, raylet and dashboard it started (and they take their workers with them).
+# Draining on SIGTERM (a grace period for Ray Serve replicas, 30 s by default) has nothing
+# to hand over to on a one-node cluster, so it is turned off.
+# The dashboard (job API) listens on 127.0.0.1 only. Ray binds the GCS, raylet and object
+# manager to the node's own address whatever it is told (it maps 127.0.0.1 to that address),
+# so those ports are guarded by the token, not by the bind address.
 num_cpus_args=()
-[[ -n "${CLUSTER_NUM_CPUS:-}" ]] && num_cpus_args=(--num-cpus "$CLUSTER_NUM_CPUS")
-setsid ray start --head --block --disable-usage-stats \
-    --node-ip-address "$HOST" --port "$RAY_PORT" \
+if [[ -n "${CLUSTER_NUM_CPUS:-}" ]]; then num_cpus_args=(--num-cpus "$CLUSTER_NUM_CPUS"); fi
+RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S=0 setsid ray start --head --block --disable-usage-stats \
+    --port "$RAY_PORT" \
     --dashboard-host "$HOST" --dashboard-port "$DASHBOARD_PORT" \
     --ray-client-server-port "$CLIENT_PORT" --dashboard-agent-listen-port "$AGENT_PORT" \
     --temp-dir "$RAY_TEMP_DIR" "${num_cpus_args[@]}" \
@@ -122,14 +137,6 @@ echo $! >"$STATE_DIR/ray.pid"
 wait_until "ray head" "$STATE_DIR/ray.pid" ray job list --address "$DASHBOARD_URL"
 
 trap - ERR
-
-{
-    echo "export RAY_ADDRESS=$GCS_ADDRESS"
-    echo "export RAY_API_SERVER_ADDRESS=$DASHBOARD_URL"
-    echo "export RAY_AUTH_MODE=token"
-    [[ -n "${RAY_AUTH_TOKEN_PATH:-}" ]] && echo "export RAY_AUTH_TOKEN_PATH=$RAY_AUTH_TOKEN_PATH"
-    echo "export MLFLOW_TRACKING_URI=$MLFLOW_URI"
-} >"$STATE_DIR/env.sh"
 
 cat <<EOF
 Ray head:      $GCS_ADDRESS (dashboard and job API: $DASHBOARD_URL), python: $PYTHON
