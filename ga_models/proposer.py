@@ -48,6 +48,7 @@ class ProposerConfig:
     loc_weight: float = 1.0  # lambda1
     shape_weight: float = 0.1  # lambda2
     anchor_center_offset: float = 0.5  # 0.5 = paper, 0.0 = reference code
+    shape_delta_std: float = 0.14  # w = sigma * s * exp(std * dw); the reference's anchor-shape coder std
     # test-time selection (both kinds)
     pre_nms_top_n: int = 2000
     post_nms_per_level: int = 1000
@@ -83,6 +84,7 @@ class ProposerConfig:
         require(self.loc_weight >= 0, "loc_weight", "must be >= 0")
         require(self.shape_weight >= 0, "shape_weight", "must be >= 0")
         require(0 <= self.anchor_center_offset <= 1, "anchor_center_offset", "must be in [0, 1]")
+        require(0 < self.shape_delta_std <= 10, "shape_delta_std", "must be in (0, 10]")
         for name in ("pre_nms_top_n", "post_nms_per_level", "post_nms_top_n"):
             require(getattr(self, name) > 0, name, "must be > 0")
         require(0 < self.nms_thresh <= 1, "nms_thresh", "must be in (0, 1]")
@@ -156,6 +158,7 @@ def build_proposal_network(cfg: ProposerConfig, in_channels: int, proposals_in_t
         loc_weight=cfg.loc_weight,
         shape_weight=cfg.shape_weight,
         center_offset=cfg.anchor_center_offset,
+        shape_delta_std=cfg.shape_delta_std,
         **common,
     )
 

@@ -1,2 +1,164 @@
-def main() -> None:
-    raise SystemExit("pipeline not built yet")
+"""Command line: ``python -m pipeline full|run STAGE|plan|data [options]`` (also the
+``pipeline`` console script). See ``python -m pipeline --help``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+from pipeline.config import VARIANTS, ConfigError, PipelineConfig, flatten, resolve, to_dict, to_yaml
+from pipeline.dag import STAGES, Node, build_dag, cache_keys, make_plan
+from pipeline.runtime import RayAddressError
+from pipeline.store import ArtifactStore, StoreError
+from pipeline.tracking import TrackingError
+
+DESCRIPTION = """Guided Anchoring experiment pipeline: trains the RPN baseline and GA-RPN with Ray Train,
+caches their proposals to Parquet, evaluates them, writes a report, and logs it all to MLflow.
+
+commands:
+  full              the whole DAG (data, train, proposals, eval_proposals, report)
+  run STAGE         one stage (all variants, or --variant) and whatever it needs that is not cached
+  plan [STAGE]      print the DAG, each node's cache key, and whether it will run or is cached, and why
+  data              generate (synthetic) or validate (COCO) the dataset only
+"""
+
+
+class UsageError(ValueError):
+    pass
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--preset", default="default",
+                        help="preset name (default, smoke, coco_r50) or path to a YAML file (default: %(default)s)")
+    common.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a config value, e.g. --set train.epochs=2 (repeatable)")
+    common.add_argument("--workdir", help="work directory: summary.json, config.yaml, mlflow.db (default: ./runs/<preset>)")
+    common.add_argument("--store", help="artifact store root, a path or URI such as s3://bucket/prefix (default: the workdir)")
+    common.add_argument("--variant", choices=VARIANTS, help="only this variant's branch of the DAG")
+    common.add_argument("--force", action="append", default=[], metavar="STAGE",
+                        help="re-run STAGE (or node id like train/rpn) even if cached (repeatable)")
+    common.add_argument("--from", dest="rerun_from", action="append", default=[], metavar="STAGE",
+                        help="re-run STAGE and everything downstream of it (repeatable)")
+    parser = argparse.ArgumentParser(prog="pipeline", description=DESCRIPTION,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    sub.add_parser("full", parents=[common], help="run the whole DAG")
+    run = sub.add_parser("run", parents=[common], help="run one stage and what it needs")
+    run.add_argument("stage", choices=STAGES)
+    plan = sub.add_parser("plan", parents=[common], help="show what would run and why")
+    plan.add_argument("stage", nargs="?", choices=STAGES)
+    sub.add_parser("data", parents=[common], help="generate or validate the dataset only")
+    return parser.parse_args(argv)
+
+
+def select(dag: dict[str, Node], names: list[str], what: str) -> set[str]:
+    """Node ids for stage names or node ids given to --force/--from."""
+    out = set()
+    for name in names:
+        hits = [n for n in dag if n == name or dag[n].stage == name]
+        if not hits:
+            raise UsageError(f"{what} {name!r}: no such stage or node (stages: {', '.join(STAGES)}; nodes: {', '.join(dag)})")
+        out.update(hits)
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        return _main(args)
+    except (ConfigError, UsageError, StoreError, TrackingError, RayAddressError, FileNotFoundError) as e:
+        print(f"pipeline: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("pipeline: interrupted", file=sys.stderr)
+        return 130
+
+
+def _main(args: argparse.Namespace) -> int:
+    from stages.data import check_paths
+
+    cfg = resolve(args.preset, args.overrides)
+    check_paths(cfg.data)
+    dag = build_dag((args.variant,) if args.variant else VARIANTS)
+    stage = getattr(args, "stage", None) or ("data" if args.command == "data" else None)
+    targets = [n for n in dag if stage is None or dag[n].stage == stage]
+    force, rerun_from = select(dag, args.force, "--force"), select(dag, args.rerun_from, "--from")
+    preset_name = Path(args.preset).stem
+    workdir = Path(args.workdir or Path("runs", preset_name))
+    store = ArtifactStore(args.store or workdir)
+    keys = cache_keys(cfg, dag)
+    plan = make_plan(dag, keys, store, targets, force, rerun_from)
+
+    if args.command == "plan":
+        print(f"plan for {args.preset!r}, store {store.root}")
+        for step in plan:
+            print(f"  {step.node.id:<22} {step.key[:12]}  {'RUN   ' if step.run else 'cached'}  {step.reason}"
+                  + (f"  <- {', '.join(step.node.deps)}" if step.node.deps else ""))
+        _write_summary(workdir, {s.node.id: {**s.manifest.get("metrics", {}), "cached": True}
+                                 for s in plan if not s.run}
+                       | {s.node.id: {"cached": False, "will_run": True, "reason": s.reason} for s in plan if s.run})
+        return 0
+    return _run(args, cfg, plan, keys, store, workdir, preset_name)
+
+
+def _run(args, cfg: PipelineConfig, plan, keys, store: ArtifactStore, workdir: Path, preset_name: str) -> int:
+    from pipeline import runtime, tracking
+    from pipeline.runner import execute, summary_json, summary_table
+
+    uri = tracking.tracking_uri(workdir)
+    tracking.check_reachable(uri)
+    runtime.check_address()
+
+    workdir.mkdir(parents=True, exist_ok=True)
+    config_file = workdir / "config.yaml"
+    config_file.write_text(to_yaml(cfg))
+    started = time.perf_counter()
+    owns_ray = any(step.run for step in plan) and runtime.init_ray()
+    try:
+        if owns_ray:
+            print(runtime.cluster_summary(), flush=True)
+        tracker = tracking.Tracker(uri, cfg.name, workdir, {
+            "preset": args.preset, "command": " ".join(["pipeline", args.command] + ([args.stage] if getattr(args, "stage", None) else [])),
+            "git_sha": tracking.git_sha(), "variant": args.variant})
+        tracker.start_parent(f"{args.command} {preset_name}", flatten(to_dict(cfg)), config_file)
+        outcomes = execute(cfg, plan, store, keys, tracker)
+        ok = all(o.error is None for o in outcomes.values()) and len(outcomes) == len(plan)
+        summary_file = _write_summary(workdir, summary_json(outcomes))
+        report = next((store.uri("report", o.key, "report.md") for o in outcomes.values()
+                       if o.stage == "report" and o.error is None), None)
+        tracker.finish_parent(ok, [summary_file] + ([Path(report)] if report and store.is_local else []))
+    finally:
+        if owns_ray:
+            import ray
+
+            ray.shutdown()
+    print()
+    print(summary_table(outcomes))
+    print()
+    print(f"total {time.perf_counter() - started:.1f}s; summary: {summary_file}")
+    if report:
+        print(f"report: {report}")
+    print(f"MLflow: {uri}  (mlflow ui --backend-store-uri {uri})")
+    if not ok:
+        missing = [s.node.id for s in plan if s.node.id not in outcomes]
+        print(f"pipeline: error: failed: {', '.join(o.node_id for o in outcomes.values() if o.error)}"
+              + (f"; not run: {', '.join(missing)}" if missing else ""), file=sys.stderr)
+    return 0 if ok else 1
+
+
+def _write_summary(workdir: Path, summary: dict) -> Path:
+    workdir.mkdir(parents=True, exist_ok=True)
+    path = workdir / "summary.json"
+    tmp = path.with_name(".summary.json.tmp")
+    tmp.write_text(json.dumps(summary, indent=2, sort_keys=True))
+    os.replace(tmp, path)
+    return path
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,155 @@
+"""Executes a plan: cached nodes are recorded, the others run as soon as their inputs are done
+(independent branches concurrently, each in its own driver thread whose work Ray schedules),
+each with its MLflow run, its output committed to the store with the manifest written last."""
+
+from __future__ import annotations
+
+import time
+import traceback
+from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
+from dataclasses import dataclass, field
+
+from pipeline import nodes
+from pipeline.config import PipelineConfig, flatten
+from pipeline.dag import FORCED, RERUN, Step, config_slice
+from pipeline.store import ArtifactStore
+from pipeline.tracking import Tracker
+
+KEY_METRICS = {
+    "data": ("num_train_images", "num_val_images"),
+    "train": ("loss", "train_seconds"),
+    "proposals": ("anchors_per_image", "seconds_per_image"),
+    "eval_proposals": ("AR_100", "AR_300", "AR_1000"),
+    "report": ("gap_AR_100", "gap_AR_1000"),
+}
+
+
+@dataclass
+class Outcome:
+    node_id: str
+    stage: str
+    key: str
+    cached: bool
+    seconds: float
+    metrics: dict = field(default_factory=dict)
+    outputs: dict = field(default_factory=dict)
+    error: str | None = None
+
+
+def node_params(cfg: PipelineConfig, step: Step) -> dict:
+    """MLflow params of a node run: its config slice, flattened (``proposer.backbone``, ...)."""
+    return {"node": step.node.id, **flatten(config_slice(cfg, step.node))}
+
+
+def execute(
+    cfg: PipelineConfig,
+    plan: list[Step],
+    store: ArtifactStore,
+    keys: dict[str, str],
+    tracker: Tracker | None,
+    log=print,
+) -> dict[str, Outcome]:
+    """Run the plan; returns an Outcome per covered node (in plan order). After a failure no
+    new node starts; the ones running finish."""
+    outcomes: dict[str, Outcome] = {}
+    manifests: dict[str, dict] = {}
+    for step in plan:
+        if not step.run:
+            manifests[step.node.id] = step.manifest
+            outcomes[step.node.id] = Outcome(step.node.id, step.node.stage, step.key, True, 0.0,
+                                             dict(step.manifest.get("metrics", {})), dict(step.manifest.get("outputs", {})))
+            if tracker:
+                tracker.record_cache_hit(step.node.id, step.key, node_params(cfg, step), step.manifest)
+            log(f"= {step.node.id:<22} cached ({step.key[:12]})")
+    pending = [s for s in plan if s.run]
+    running = {}
+    failed = False
+    pool = ThreadPoolExecutor(max_workers=max(1, len(pending)))
+    try:
+        while pending or running:
+            if not failed:
+                for step in [s for s in pending if all(d in manifests for d in s.node.deps)]:
+                    pending.remove(step)
+                    running[pool.submit(_run_one, cfg, step, store, keys, manifests, tracker, log)] = step
+            if not running:
+                break  # a failure left the remaining nodes without inputs
+            done, _ = wait(running, return_when=FIRST_COMPLETED)
+            for fut in done:
+                step = running.pop(fut)
+                outcome, manifest = fut.result()
+                outcomes[step.node.id] = outcome
+                if manifest is None:
+                    failed = True
+                else:
+                    manifests[step.node.id] = manifest
+    except KeyboardInterrupt:
+        log(f"interrupted while running {', '.join(s.node.id for s in running.values())}: finished nodes are "
+            "kept, and the next run resumes training from its last checkpoint")
+        pool.shutdown(wait=False, cancel_futures=True)
+        raise
+    pool.shutdown()
+    return {s.node.id: outcomes[s.node.id] for s in plan if s.node.id in outcomes}
+
+
+def _run_one(cfg, step: Step, store: ArtifactStore, keys, manifests, tracker, log) -> tuple[Outcome, dict | None]:
+    node = step.node
+    log(f"> {node.id:<22} running: {step.reason} (key {step.key[:12]})")
+    started = time.perf_counter()
+    run_id = tracker.start_node(node.id, step.key, node_params(cfg, step)) if tracker else None
+    try:
+        out_dir = store.prepare(node.stage, step.key)
+        job = nodes.NodeJob(cfg, node, step.key, keys, {d: manifests[d] for d in node.deps}, store, out_dir,
+                            fresh=step.reason in (FORCED, RERUN),
+                            tracking_uri=tracker.uri if tracker else None, run_id=run_id)
+        result = nodes.RUNNERS[node.stage](job)
+        seconds = time.perf_counter() - started
+        manifest = store.commit(node.stage, step.key, out_dir, {
+            "variant": node.variant, "node": node.id, "metrics": result.metrics, "outputs": result.outputs,
+            "config": config_slice(cfg, node), "inputs": {d: keys[d] for d in node.deps},
+            "run_id": run_id, "seconds": seconds,
+        })
+        if tracker:
+            final = {k: v for k, v in result.metrics.items() if k not in result.logged}
+            tracker.finish_node(run_id, final, result.artifacts)
+    except Exception as e:  # reported per node; the CLI exits non-zero
+        seconds = time.perf_counter() - started
+        message = f"{type(e).__name__}: {e}".splitlines()[0]
+        log(f"! {node.id:<22} FAILED after {seconds:.1f}s: {message}")
+        log(traceback.format_exc())
+        if tracker:
+            tracker.finish_node(run_id, {}, ok=False)
+        return Outcome(node.id, node.stage, step.key, False, seconds, error=message), None
+    log(f"< {node.id:<22} done in {_duration(seconds)}")
+    return Outcome(node.id, node.stage, step.key, False, seconds, dict(result.metrics), dict(result.outputs)), manifest
+
+
+def summary_table(outcomes: dict[str, Outcome]) -> str:
+    rows = [("node", "cached", "duration", "key metrics")]
+    for o in outcomes.values():
+        keys = KEY_METRICS.get(o.stage, ())
+        shown = ", ".join(f"{k}={_fmt(o.metrics[k])}" for k in keys if k in o.metrics)
+        rows.append((o.node_id, "yes" if o.cached else "no", "-" if o.cached else _duration(o.seconds),
+                     f"FAILED: {o.error}" if o.error else shown))
+    widths = [max(len(r[i]) for r in rows) for i in range(3)]
+    lines = [f"{r[0]:<{widths[0]}}  {r[1]:<{widths[1]}}  {r[2]:>{widths[2]}}  {r[3]}" for r in rows]
+    lines.insert(1, "-" * max(len(line) for line in lines))
+    return "\n".join(lines)
+
+
+def summary_json(outcomes: dict[str, Outcome]) -> dict:
+    out = {}
+    for o in outcomes.values():
+        entry = {k: (v if isinstance(v, (int, float)) and v == v else None) for k, v in o.metrics.items()}
+        entry["cached"] = o.cached
+        if o.error:
+            entry["error"] = o.error
+        out[o.node_id] = entry
+    return out
+
+
+def _fmt(v) -> str:
+    return f"{v:.4g}" if isinstance(v, float) else str(v)
+
+
+def _duration(seconds: float) -> str:
+    return f"{seconds:.1f}s" if seconds < 60 else f"{int(seconds // 60)}m{int(seconds % 60):02d}s"

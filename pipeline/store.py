@@ -1,0 +1,204 @@
+"""Artifact store: node outputs under ``<root>/<stage>/<key>/``, complete only once
+``manifest.json`` has been written, last and atomically.
+
+``root`` is a local path or a URI that ``pyarrow.fs.FileSystem.from_uri`` accepts
+(``s3://bucket/prefix``, ``gs://...``) so that a cluster's workers share one store.
+
+``manifest.json``::
+
+    {"stage": "train", "variant": "rpn", "key": "<cache key>",
+     "files": [{"path": "model.pt", "bytes": 123, "sha256": "..."}, ...],  # every other file
+     "metrics": {...}, "outputs": {...}, "config": {...},                 # node-specific
+     "run_id": "<MLflow run that produced it>", "created": <unix time>, "seconds": <duration>}
+
+A node directory without a manifest is partial (its producer died) and is cleared before the
+node runs again; a manifest whose files do not match the listing (missing, wrong size, or,
+with ``verify``, wrong checksum) marks the node damaged, so it is rebuilt rather than used.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import pyarrow.fs as pafs
+
+MANIFEST = "manifest.json"
+_CHUNK = 1 << 20
+
+
+class StoreError(ValueError):
+    """The store root is unusable or a manifest is malformed; the message names it."""
+
+
+class ArtifactStore:
+    def __init__(self, root: str | os.PathLike, local_cache: str | os.PathLike | None = None) -> None:
+        root = os.fspath(root)
+        if "://" in root:
+            try:
+                self.fs, base = pafs.FileSystem.from_uri(root)
+            except (ValueError, OSError) as e:  # pyarrow's ArrowInvalid is a ValueError
+                raise StoreError(f"storage root {root!r}: {e}") from None
+            self.is_local = isinstance(self.fs, pafs.LocalFileSystem)
+            self.root = root.rstrip("/")
+        else:
+            self.fs, base = pafs.LocalFileSystem(), os.path.abspath(root)
+            self.is_local = True
+            self.root = base
+        self._base = base.rstrip("/")
+        self._local_cache = Path(local_cache or Path(tempfile.gettempdir(), "ga-pipeline-cache"))
+
+    def __reduce__(self):
+        return (ArtifactStore, (self.root, self._local_cache))
+
+    # ---- locations -------------------------------------------------------------------------
+
+    def path(self, *parts: str) -> str:
+        """A path inside the store's filesystem."""
+        return "/".join([self._base, *parts])
+
+    def uri(self, *parts: str) -> str:
+        """A path (local root) or URI (remote root) that pyarrow and Ray accept."""
+        return "/".join([self.root, *parts])
+
+    def local_dir(self, stage: str, key: str) -> Path:
+        """Where a consumer reads node files locally: the node directory itself for a local root,
+        else a verified download into the local cache."""
+        if self.is_local:
+            return Path(self.path(stage, key))
+        dest = self._local_cache / stage / key
+        done = dest / MANIFEST
+        if not done.exists():
+            manifest = self.read_manifest(stage, key)
+            if manifest is None:
+                raise StoreError(f"{self.uri(stage, key)}: no manifest, the node is not complete")
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            tmp = Path(tempfile.mkdtemp(dir=dest.parent, prefix=f".{key}."))
+            for entry in manifest["files"]:
+                target = tmp / entry["path"]
+                target.parent.mkdir(parents=True, exist_ok=True)
+                with self.fs.open_input_stream(self.path(stage, key, entry["path"])) as src, open(target, "wb") as dst:
+                    shutil.copyfileobj(src, dst, _CHUNK)
+            (tmp / MANIFEST).write_text(json.dumps(manifest))
+            shutil.rmtree(dest, ignore_errors=True)
+            os.replace(tmp, dest)
+        return dest
+
+    # ---- node state ------------------------------------------------------------------------
+
+    def read_manifest(self, stage: str, key: str) -> dict | None:
+        """The node's manifest, or None when there is none (or it is unreadable)."""
+        try:
+            with self.fs.open_input_stream(self.path(stage, key, MANIFEST)) as f:
+                manifest = json.loads(f.read())
+        except (FileNotFoundError, json.JSONDecodeError, UnicodeDecodeError):
+            return None
+        except OSError as e:
+            if "not found" in str(e).lower() or "no such file" in str(e).lower():
+                return None
+            raise
+        return manifest if isinstance(manifest, dict) and "files" in manifest else None
+
+    def check(self, stage: str, key: str, verify: bool = False) -> tuple[dict | None, str]:
+        """``(manifest, "")`` for a complete, intact node; ``(None, why)`` otherwise."""
+        manifest = self.read_manifest(stage, key)
+        if manifest is None:
+            exists = self.fs.get_file_info(self.path(stage, key)).type == pafs.FileType.Directory
+            return None, "partial output (no manifest)" if exists else "no output yet"
+        sizes = self._listing(stage, key)
+        for entry in manifest["files"]:
+            if entry["path"] not in sizes:
+                return None, f"damaged output: {entry['path']} is missing"
+            if sizes[entry["path"]] != entry["bytes"]:
+                return None, f"damaged output: {entry['path']} is {sizes[entry['path']]} bytes, manifest says {entry['bytes']}"
+            if verify and self._sha256(self.path(stage, key, entry["path"])) != entry["sha256"]:
+                return None, f"damaged output: {entry['path']} checksum differs from the manifest"
+        return manifest, ""
+
+    def clear(self, stage: str, key: str) -> None:
+        """Delete a node directory (partial or to be rebuilt)."""
+        path = self.path(stage, key)
+        if self.fs.get_file_info(path).type == pafs.FileType.Directory:
+            self.fs.delete_dir(path)
+
+    def prepare(self, stage: str, key: str) -> Path:
+        """An empty local directory for the node's producer to write into: the node directory
+        itself for a local root, else a staging directory that ``commit`` uploads."""
+        self.clear(stage, key)
+        if self.is_local:
+            path = Path(self.path(stage, key))
+            path.mkdir(parents=True)
+            return path
+        staging = self._local_cache / "staging" / stage / key
+        shutil.rmtree(staging, ignore_errors=True)
+        staging.mkdir(parents=True)
+        return staging
+
+    def commit(self, stage: str, key: str, staging: Path, record: dict) -> dict:
+        """Upload ``staging`` (remote root), then write the manifest listing every file of the
+        node directory with its size and sha256, plus ``record`` (metrics, outputs, config,
+        run_id, ...). Returns the manifest."""
+        if not self.is_local:
+            for path in sorted(p for p in staging.rglob("*") if p.is_file()):
+                rel = path.relative_to(staging).as_posix()
+                self.fs.create_dir(self.path(stage, key, *rel.split("/")[:-1]), recursive=True)
+                with open(path, "rb") as src, self.fs.open_output_stream(self.path(stage, key, rel)) as dst:
+                    shutil.copyfileobj(src, dst, _CHUNK)
+        files = [{"path": rel, "bytes": size, "sha256": self._sha256(self.path(stage, key, rel))}
+                 for rel, size in sorted(self._listing(stage, key).items())]
+        manifest = {"stage": stage, "key": key, "files": files, "created": time.time(), **record}
+        self._write_manifest(stage, key, json.dumps(_json_safe(manifest), indent=1).encode())
+        return manifest
+
+    # ---- internals -------------------------------------------------------------------------
+
+    def _listing(self, stage: str, key: str) -> dict[str, int]:
+        """``{relative path: bytes}`` of the node's files, manifest and temporaries excluded."""
+        base = self.path(stage, key)
+        selector = pafs.FileSelector(base, recursive=True, allow_not_found=True)
+        out = {}
+        for info in self.fs.get_file_info(selector):
+            if info.type != pafs.FileType.File:
+                continue
+            rel = info.path[len(base.rstrip("/")) + 1:]
+            name = rel.rsplit("/", 1)[-1]
+            if rel == MANIFEST or name.startswith("."):
+                continue
+            out[rel] = info.size
+        return out
+
+    def _sha256(self, path: str) -> str:
+        digest = hashlib.sha256()
+        with self.fs.open_input_stream(path) as f:
+            while chunk := f.read(_CHUNK):
+                digest.update(chunk)
+        return digest.hexdigest()
+
+    def _write_manifest(self, stage: str, key: str, data: bytes) -> None:
+        final = self.path(stage, key, MANIFEST)
+        if self.is_local:
+            fd, tmp = tempfile.mkstemp(dir=os.path.dirname(final), prefix=".manifest.", suffix=".tmp")
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, final)
+        else:  # an object store's PUT is atomic: the manifest appears whole or not at all
+            with self.fs.open_output_stream(final) as f:
+                f.write(data)
+
+
+def _json_safe(obj):
+    """NaN/inf -> None (JSON has no NaN), recursively."""
+    if isinstance(obj, float):
+        return obj if obj == obj and obj not in (float("inf"), float("-inf")) else None
+    if isinstance(obj, dict):
+        return {k: _json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_json_safe(v) for v in obj]
+    return obj

@@ -1,0 +1,138 @@
+"""MLflow tracking: one experiment per pipeline name, one parent run per invocation, one nested
+run per DAG node covered (a cached node gets a small record tagged ``cache_hit`` that points
+at the run which produced its output).
+
+Store: ``MLFLOW_TRACKING_URI`` when set (e.g. an ``mlflow server`` for clusters), else SQLite
+at ``<workdir>/mlflow.db`` with artifacts under ``<workdir>/mlartifacts``.
+Everything goes through ``MlflowClient`` with explicit run ids (nodes run in threads and Ray
+workers, so no fluent "active run" state is used).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import socket
+import subprocess
+import time
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from urllib.parse import urlparse
+
+ENV = "MLFLOW_TRACKING_URI"
+_MAX_PARAM = 500  # characters kept of one param value
+
+
+class TrackingError(RuntimeError):
+    """The tracking store cannot be used; the message names the URI."""
+
+
+def tracking_uri(workdir: str | os.PathLike) -> str:
+    env = os.environ.get(ENV)
+    return env if env else f"sqlite:///{Path(workdir).resolve() / 'mlflow.db'}"
+
+
+def check_reachable(uri: str, timeout: float = 3.0) -> None:
+    """Fail fast (TrackingError) when an HTTP(S) tracking server does not accept connections;
+    local stores are created on first use."""
+    parsed = urlparse(uri)
+    if parsed.scheme in ("http", "https"):
+        port = parsed.port or (443 if parsed.scheme == "https" else 80)
+        try:
+            with socket.create_connection((parsed.hostname, port), timeout=timeout):
+                pass
+        except OSError as e:
+            raise TrackingError(f"MLflow tracking URI {uri} is unreachable ({e.strerror or e})") from None
+    elif parsed.scheme not in ("sqlite", "postgresql", "mysql", "mssql", "file", "databricks", ""):
+        raise TrackingError(f"MLflow tracking URI {uri}: unsupported scheme {parsed.scheme!r}")
+
+
+def git_sha(repo: Path = Path(__file__).resolve().parents[1]) -> str | None:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True, text=True, timeout=5)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return out.stdout.strip() if out.returncode == 0 else None
+
+
+def _metrics(values: Mapping[str, float], step: int = 0):
+    from mlflow.entities import Metric
+
+    now = int(time.time() * 1000)
+    return [Metric(k, float(v), now, step) for k, v in values.items()
+            if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)]
+
+
+def _params(values: Mapping[str, object]):
+    from mlflow.entities import Param
+
+    return [Param(k, str(v)[:_MAX_PARAM]) for k, v in values.items()]
+
+
+def log_epoch(uri: str, run_id: str, metrics: Mapping[str, float], epoch: int) -> None:
+    """Per-epoch metrics of a training node (called from the rank-0 Ray Train worker)."""
+    from mlflow import MlflowClient
+
+    MlflowClient(uri).log_batch(run_id, metrics=_metrics(metrics, step=epoch))
+
+
+class Tracker:
+    """The MLflow side of one pipeline invocation."""
+
+    def __init__(self, uri: str, experiment: str, workdir: Path, base_tags: Mapping[str, str]) -> None:
+        from mlflow import MlflowClient
+
+        self.uri = uri
+        self.client = MlflowClient(uri)
+        exp = self.client.get_experiment_by_name(experiment)
+        if exp is None:
+            location = (workdir.resolve() / "mlartifacts").as_uri() if not os.environ.get(ENV) else None
+            self.experiment_id = self.client.create_experiment(experiment, artifact_location=location)
+        else:
+            self.experiment_id = exp.experiment_id
+        self.base_tags = {k: v for k, v in base_tags.items() if v is not None}
+        self.parent_id: str | None = None
+
+    def start_parent(self, name: str, params: Mapping[str, object], config_file: Path) -> str:
+        run = self.client.create_run(self.experiment_id, run_name=name, tags=self.base_tags)
+        self.parent_id = run.info.run_id
+        self._log_params(self.parent_id, params)
+        self.client.log_artifact(self.parent_id, str(config_file))
+        return self.parent_id
+
+    def finish_parent(self, ok: bool, artifacts: Iterable[Path] = ()) -> None:
+        for path in artifacts:
+            self.client.log_artifact(self.parent_id, str(path))
+        self.client.set_terminated(self.parent_id, "FINISHED" if ok else "FAILED")
+
+    def start_node(self, node_id: str, key: str, params: Mapping[str, object]) -> str:
+        run = self.client.create_run(self.experiment_id, run_name=node_id, tags={
+            **self.base_tags, "mlflow.parentRunId": self.parent_id, "node": node_id,
+            "stage": node_id.split("/")[0], "cache_key": key, "cache_hit": "false"})
+        self._log_params(run.info.run_id, params)
+        return run.info.run_id
+
+    def finish_node(self, run_id: str, metrics: Mapping[str, float], artifacts: Iterable[Path] = (), ok: bool = True) -> None:
+        self.client.log_batch(run_id, metrics=_metrics(metrics))
+        for path in artifacts:
+            if Path(path).is_dir():
+                self.client.log_artifacts(run_id, str(path), artifact_path=Path(path).name)
+            else:
+                self.client.log_artifact(run_id, str(path))
+        self.client.set_terminated(run_id, "FINISHED" if ok else "FAILED")
+
+    def record_cache_hit(self, node_id: str, key: str, params: Mapping[str, object], manifest: Mapping) -> str:
+        """A nested run saying "reused": cache key, producer run id, the output's metrics."""
+        run = self.client.create_run(self.experiment_id, run_name=f"{node_id} (cached)", tags={
+            **self.base_tags, "mlflow.parentRunId": self.parent_id, "node": node_id,
+            "stage": node_id.split("/")[0], "cache_key": key, "cache_hit": "true",
+            "produced_by_run_id": str(manifest.get("run_id"))})
+        self._log_params(run.info.run_id, params)
+        self.client.log_batch(run.info.run_id, metrics=_metrics(manifest.get("metrics", {})))
+        self.client.set_terminated(run.info.run_id, "FINISHED")
+        return run.info.run_id
+
+    def _log_params(self, run_id: str, params: Mapping[str, object]) -> None:
+        items = _params(params)
+        for i in range(0, len(items), 100):  # MLflow's per-request limit
+            self.client.log_batch(run_id, params=items[i:i + 100])

@@ -1,0 +1,90 @@
+"""The CLI as users run it (subprocesses): bad input is one line on stderr naming the problem,
+a non-zero exit, and nothing written (no work directory, no MLflow store); `plan` lists the DAG."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def cli(*args, env_extra=None, cwd=ROOT):
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI")}
+    env.update(env_extra or {})
+    return subprocess.run([sys.executable, "-m", "pipeline", *args], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=120)
+
+
+def closed_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]  # nothing listens once the socket is closed
+
+
+def assert_one_line_error(proc, *needles):
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("pipeline: error: "), proc.stderr
+    for needle in needles:
+        assert needle in lines[0]
+
+
+@pytest.mark.parametrize("args, needles", [
+    (["--set", "train.epoch=3"], ["unknown config key 'train.epoch'"]),
+    (["--set", "train.epochs=many"], ["train.epochs: expected an integer, got 'many'"]),
+    (["--preset", "nosuch"], ["preset 'nosuch'"]),
+    (["--set", "data.synthetic=null", "--set", "data.root=/nonexistent", "--set", "data.train_ann=a.json",
+      "--set", "data.train_images=i", "--set", "data.val_ann=v.json", "--set", "data.val_images=j"],
+     ["data.train_ann: /nonexistent/a.json does not exist"]),
+    (["--force", "training"], ["--force 'training': no such stage"]),
+])
+def test_bad_input_is_a_one_line_error_and_writes_nothing(tmp_path, args, needles):
+    workdir = tmp_path / "work"
+    proc = cli("full", "--preset", "smoke", "--workdir", str(workdir), *args)
+    assert_one_line_error(proc, *needles)
+    assert not workdir.exists()
+
+
+def test_broken_preset_file(tmp_path):
+    bad = tmp_path / "broken.yaml"
+    bad.write_text("name: x\ntrain: {epochs: 2\n")
+    proc = cli("full", "--preset", str(bad), "--workdir", str(tmp_path / "work"))
+    assert_one_line_error(proc, "broken.yaml", "not valid YAML")
+    assert not (tmp_path / "work").exists()
+
+
+def test_unreachable_ray_address_and_mlflow_uri(tmp_path):
+    port = closed_port()
+    proc = cli("full", "--preset", "smoke", "--workdir", str(tmp_path / "a"),
+               env_extra={"RAY_ADDRESS": f"127.0.0.1:{port}"})
+    assert_one_line_error(proc, f"RAY_ADDRESS=127.0.0.1:{port}", "cannot reach")
+    assert not (tmp_path / "a").exists()
+
+    proc = cli("full", "--preset", "smoke", "--workdir", str(tmp_path / "b"),
+               env_extra={"MLFLOW_TRACKING_URI": f"http://127.0.0.1:{port}"})
+    assert_one_line_error(proc, f"http://127.0.0.1:{port}", "unreachable")
+    assert not (tmp_path / "b").exists()
+
+
+def test_plan_lists_every_node_with_key_and_reason(tmp_path):
+    proc = cli("plan", "--preset", "smoke", "--workdir", str(tmp_path))
+    assert proc.returncode == 0, proc.stderr
+    lines = [line.split() for line in proc.stdout.splitlines()[1:]]
+    assert [parts[0] for parts in lines] == ["data", "train/rpn", "proposals/rpn", "eval_proposals/rpn",
+                                             "train/ga_rpn", "proposals/ga_rpn", "eval_proposals/ga_rpn", "report"]
+    assert all(len(parts[1]) == 12 and parts[2] == "RUN" and "no output yet" in " ".join(parts) for parts in lines)
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["report"] == {"cached": False, "will_run": True, "reason": "no output yet"}
+    assert not (tmp_path / "mlflow.db").exists()
+
+
+def test_help_names_the_commands():
+    proc = cli("--help")
+    assert proc.returncode == 0
+    for word in ("full", "run STAGE", "plan", "data"):
+        assert word in proc.stdout

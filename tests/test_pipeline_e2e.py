@@ -1,0 +1,104 @@
+"""`pipeline full --preset smoke` end to end through real Ray (the session fixture), real
+Ray Train, the Parquet cache and a real SQLite MLflow store; then a fully cached re-run and a
+re-run after changing one inference setting."""
+
+import json
+
+import pytest
+
+from pipeline.__main__ import main
+
+NODES = {"data", "train/rpn", "proposals/rpn", "eval_proposals/rpn",
+         "train/ga_rpn", "proposals/ga_rpn", "eval_proposals/ga_rpn", "report"}
+AR = ("AR_100", "AR_300", "AR_1000", "AR_S", "AR_M", "AR_L")
+
+
+@pytest.fixture(scope="module")
+def smoke_run(ray_session, tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("smoke")
+    mp = pytest.MonkeyPatch()
+    mp.delenv("MLFLOW_TRACKING_URI", raising=False)
+    mp.delenv("RAY_ADDRESS", raising=False)
+    code = main(["full", "--preset", "smoke", "--workdir", str(workdir)])
+    first = json.loads((workdir / "summary.json").read_text())
+    yield workdir, code, first
+    mp.undo()
+
+
+def runs(workdir):
+    from mlflow import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{workdir / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("ga-smoke")
+    return client, client.search_runs([exp.experiment_id], max_results=1000)
+
+
+def test_full_smoke_run(smoke_run):
+    workdir, code, summary = smoke_run
+    assert code == 0
+    assert set(summary) == NODES
+    assert not any(entry["cached"] for entry in summary.values())
+    for variant in ("rpn", "ga_rpn"):
+        ev = summary[f"eval_proposals/{variant}"]
+        for name in AR:
+            assert ev[name] is None or 0.0 <= ev[name] <= 1.0
+        assert ev["AR_100"] <= ev["AR_300"] <= ev["AR_1000"]
+        assert ev["anchors_per_image"] > 0 and ev["seconds_per_image"] > 0
+        assert summary[f"train/{variant}"]["epochs"] == 2
+    assert summary["data"]["num_train_images"] == 8 and summary["data"]["num_val_images"] == 4
+    report = next(workdir.glob("report/*/report.md")).read_text()
+    assert "| RPN (measured) |" in report and "| GA-RPN (paper, COCO) | 59.2 |" in report
+    assert (workdir / "config.yaml").read_text().startswith("name: ga-smoke")
+    for node in NODES:  # every node committed with a manifest naming its MLflow run
+        stage = node.split("/")[0]
+        manifests = [json.loads(p.read_text()) for p in workdir.glob(f"{stage}/*/manifest.json")]
+        assert any(m["node"] == node and m["run_id"] for m in manifests)
+
+
+def test_mlflow_records(smoke_run):
+    workdir = smoke_run[0]
+    client, all_runs = runs(workdir)
+    parents = [r for r in all_runs if "mlflow.parentRunId" not in r.data.tags]
+    children = [r for r in all_runs if "mlflow.parentRunId" in r.data.tags]
+    assert len(parents) == 1 and len(children) == len(NODES)
+    parent = parents[0]
+    assert parent.data.params["train.epochs"] == "2" and parent.data.tags["preset"] == "smoke"
+    assert parent.info.status == "FINISHED"
+    assert "config.yaml" in {a.path for a in client.list_artifacts(parent.info.run_id)}
+    by_node = {r.data.tags["node"]: r for r in children}
+    assert set(by_node) == NODES and all(r.data.tags["cache_hit"] == "false" for r in children)
+    train = by_node["train/ga_rpn"]
+    assert train.data.params["proposer.kind"] == "ga_rpn" and train.data.tags["cache_key"]
+    assert [m.step for m in client.get_metric_history(train.info.run_id, "loss")] == [1, 2]  # per epoch, rank 0
+    assert "loss_anchor_shape" in train.data.metrics and "lr" in train.data.metrics
+    assert "model.pt" in {a.path for a in client.list_artifacts(train.info.run_id)}
+    ev = by_node["eval_proposals/rpn"]
+    assert {"AR_100", "AR_1000", "AR_S", "anchors_per_image", "seconds_per_image"} <= set(ev.data.metrics)
+    assert {"recall_vs_proposals.png", "recall_vs_iou.png"} <= {a.path for a in client.list_artifacts(ev.info.run_id)}
+    assert "report.md" in {a.path for a in client.list_artifacts(by_node["report"].info.run_id)}
+
+
+def test_rerun_is_fully_cached_and_adds_only_cache_hit_records(smoke_run):
+    workdir = smoke_run[0]
+    _, before = runs(workdir)
+    assert main(["full", "--preset", "smoke", "--workdir", str(workdir)]) == 0
+    summary = json.loads((workdir / "summary.json").read_text())
+    assert set(summary) == NODES and all(entry["cached"] for entry in summary.values())
+    assert summary["eval_proposals/rpn"]["AR_1000"] == smoke_run[2]["eval_proposals/rpn"]["AR_1000"]
+    _, after = runs(workdir)
+    new = [r for r in after if r.info.run_id not in {b.info.run_id for b in before}]
+    children = [r for r in new if "mlflow.parentRunId" in r.data.tags]
+    assert len(new) == 1 + len(NODES)
+    assert all(r.data.tags["cache_hit"] == "true" for r in children)
+    producers = {r.info.run_id for r in before}
+    assert all(r.data.tags["produced_by_run_id"] in producers for r in children)
+
+
+def test_changing_an_inference_setting_reruns_only_downstream(smoke_run):
+    workdir = smoke_run[0]
+    assert main(["full", "--preset", "smoke", "--workdir", str(workdir), "--set", "proposer.post_nms_top_n=300",
+                 "--variant", "rpn"]) == 0
+    summary = json.loads((workdir / "summary.json").read_text())
+    cached = {node: entry["cached"] for node, entry in summary.items()}
+    assert cached == {"data": True, "train/rpn": True, "proposals/rpn": False, "eval_proposals/rpn": False,
+                      "report": False}
