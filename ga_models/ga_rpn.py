@@ -32,7 +32,8 @@ class GARPN(ProposalNetworkBase):
         loc_threshold: eps_L; at inference only locations with p >= eps_L get anchors.
         approx_samples: K sampled shapes of the vIoU estimate (3, 9 or 15).
         center_ratio, ignore_ratio: sigma1, sigma2 of the location targets.
-        loc_weight, shape_weight: lambda1, lambda2 of the joint loss (paper: 1.0, 0.1).
+        loc_weight, shape_weight: lambda1, lambda2 of the joint loss (1.0, 1.0 with the reference's
+            loss normalisation, equivalent to the paper's 1.0, 0.1).
         octave_base_scale: sigma of w = sigma * s * exp(dw) (8).
         center_offset: anchor centre at ((j + o) s, (i + o) s); 0.5 as in the paper, 0 as in the reference.
         shape_delta_std: scale of the raw shape output before exp (0.14, the reference's shape coder).
@@ -50,7 +51,7 @@ class GARPN(ProposalNetworkBase):
         center_ratio: float = 0.2,
         ignore_ratio: float = 0.5,
         loc_weight: float = 1.0,
-        shape_weight: float = 0.1,
+        shape_weight: float = 1.0,
         octave_base_scale: float = 8.0,
         center_offset: float = 0.5,
         shape_delta_std: float = 0.14,

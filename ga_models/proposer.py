@@ -45,8 +45,10 @@ class ProposerConfig:
     approx_samples: int = 9  # K of the vIoU estimate: 3, 9, 15
     center_ratio: float = 0.2  # sigma1
     ignore_ratio: float = 0.5  # sigma2
-    loc_weight: float = 1.0  # lambda1
-    shape_weight: float = 0.1  # lambda2
+    # lambda1, lambda2 with the reference's loss normalisation (see losses.location_loss); the
+    # paper's (1, 0.1) assumes a ~10x larger location loss, so (1, 1) is the same balance.
+    loc_weight: float = 1.0
+    shape_weight: float = 1.0
     anchor_center_offset: float = 0.5  # 0.5 = paper, 0.0 = reference code
     shape_delta_std: float = 0.14  # w = sigma * s * exp(std * dw); the reference's anchor-shape coder std
     # test-time selection (both kinds)
