@@ -35,6 +35,7 @@ class ProposerConfig:
     min_size: int = 256
     max_size: int = 256
     rpn_anchor_scales: int = 1  # RPN baseline: 1 scale x 3 ratios, or 3 x 3 ("9 anchors")
+    octave_base_scale: float = 8.0  # anchor base size / stride, both kinds (sigma of GA); 8 = paper
     # GA-RPN ablation switches (paper Tables 4-6)
     use_location: bool = True
     use_shape: bool = True
@@ -74,6 +75,7 @@ class ProposerConfig:
         require(self.fpn_channels > 0 and self.fpn_channels % 8 == 0, "fpn_channels", "must be a positive multiple of 8")
         require(32 <= self.min_size <= self.max_size, "min_size", "need 32 <= min_size <= max_size")
         require(self.rpn_anchor_scales in (1, 3), "rpn_anchor_scales", "must be 1 or 3")
+        require(self.octave_base_scale > 0, "octave_base_scale", "must be > 0")
         require(self.adaption in ("guided", "plain_deform"), "adaption", "must be 'guided' or 'plain_deform'")
         require(
             not (self.use_feature_adaption and self.adaption == "guided" and not self.use_shape),
@@ -141,7 +143,7 @@ def build_proposal_network(cfg: ProposerConfig, in_channels: int, proposals_in_t
         proposals_in_training=proposals_in_training,
     )
     if cfg.kind == "rpn":
-        return build_rpn(in_channels, FPN_STRIDES, cfg.rpn_anchor_scales, **common)
+        return build_rpn(in_channels, FPN_STRIDES, cfg.rpn_anchor_scales, cfg.octave_base_scale, **common)
     head = GuidedAnchorHead(
         in_channels,
         use_location=cfg.use_location,
@@ -160,6 +162,7 @@ def build_proposal_network(cfg: ProposerConfig, in_channels: int, proposals_in_t
         loc_weight=cfg.loc_weight,
         shape_weight=cfg.shape_weight,
         center_offset=cfg.anchor_center_offset,
+        octave_base_scale=cfg.octave_base_scale,
         shape_delta_std=cfg.shape_delta_std,
         **common,
     )

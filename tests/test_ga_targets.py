@@ -138,3 +138,22 @@ def test_shape_targets_without_boxes_and_sampler():
     sampled = sample_shape_positives([labels, torch.zeros(1000, dtype=torch.int64)], batch_size_per_image=256)
     assert sampled[0].sum() == 128 and sampled[0][300:].sum() == 0  # at most half of 256, positives only
     assert sampled[1].sum() == 0
+
+
+def test_location_loss_weights_and_normalisation_hand_computed():
+    from ga_models.losses import location_loss
+
+    # p = 0.5 everywhere: focal = alpha_t * 0.5^2 * ln 2; positives weigh 1, negatives 0.1,
+    # ignored 0; the sum is divided by (4 locations / 200).
+    focal = lambda alpha: alpha * 0.25 * math.log(2)  # noqa: E731
+    loss = location_loss(torch.zeros(4), torch.tensor([1.0, 0.0, -1.0, 0.0]))
+    expected = (focal(0.25) + 2 * 0.1 * focal(0.75)) / (4 / 200)
+    assert loss.item() == pytest.approx(expected, rel=1e-5)
+
+
+def test_bounded_iou_shape_loss_hand_computed():
+    from ga_models.losses import bounded_iou_shape_loss
+
+    # w: min(10/20, 20/10) = 0.5 -> gap 0.5 > beta: 0.5 - 0.1; h exact -> 0; second: gap 0.1 < beta: 0.5 * 0.1^2 / 0.2
+    loss = bounded_iou_shape_loss(torch.tensor([[10.0, 20.0], [18.0, 30.0]]), torch.tensor([[20.0, 20.0], [20.0, 30.0]]))
+    torch.testing.assert_close(loss, torch.tensor([0.4, 0.025]))
