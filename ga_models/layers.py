@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torchvision.ops import deform_conv2d
 
-# Active positions are processed in chunks so the sampled columns stay a few hundred MB at most.
+# Active positions are processed in chunks so the gathered columns stay a few hundred MB at most.
 _CHUNK = 8192
 
 
@@ -86,37 +86,46 @@ def deform_conv_at_positions(x: Tensor, offset: Tensor, n: Tensor, i: Tensor, j:
     """DCNv1 (stride 1, 'same' padding, no bias) evaluated only at positions (n, i, j): Tensor[P, O].
 
     x: Tensor[N, C, H, W]; offset: Tensor[P, G * 2 * kk] in torchvision's layout ((dy, dx) per
-    kernel point, point index = row * k + col, groups contiguous); weight: Tensor[O, C, k, k].
-    Samples outside the map are 0 (bilinear with zero padding), as in torchvision.ops.deform_conv2d.
+    kernel point, point index = row * k + col, groups contiguous); weight: Tensor[O, C, k, k];
+    (n, i, j) sorted by n, as ``nonzero`` returns them. The kk sampling points of every position
+    go through one bilinear ``grid_sample`` per image and group (images padded to the largest
+    count P_max), then one matmul. Samples outside the map are 0, as in deform_conv2d.
     """
     batch, channels, height, width = x.shape
     out_channels, _, kernel_size, _ = weight.shape
     kk = kernel_size * kernel_size
     groups = offset.shape[1] // (2 * kk)
+    num = n.numel()
+    if num == 0:
+        return x.new_zeros((0, out_channels))
+    counts = torch.bincount(n, minlength=batch)  # [N]
+    rank = torch.arange(num, device=x.device) - (counts.cumsum(0) - counts)[n]  # index within its image
+    grid = _sampling_grid(offset.view(num, groups, kk, 2), i, j, kernel_size, height, width)  # [P, G, kk, 2]
+    padded = grid.new_zeros((batch, int(counts.max()), groups, kk, 2))
+    padded[n, rank] = grid
+    sampled = F.grid_sample(
+        x.reshape(batch * groups, channels // groups, height, width),
+        padded.permute(0, 2, 1, 3, 4).reshape(batch * groups, -1, kk, 2),
+        mode="bilinear",
+        padding_mode="zeros",
+        align_corners=False,
+    )  # [N * G, C / G, P_max, kk]
+    columns = sampled.view(batch, groups, channels // groups, -1, kk).permute(0, 3, 1, 2, 4)  # [N, P_max, G, C/G, kk]
+    columns = columns[n, rank].reshape(num, channels * kk)  # index c * kk + point
+    return columns @ weight.reshape(out_channels, channels * kk).t()
+
+
+def _sampling_grid(delta: Tensor, i: Tensor, j: Tensor, kernel_size: int, height: int, width: int) -> Tensor:
+    """grid_sample coordinates (align_corners=False) of the deformed kernel points.
+
+    delta: Tensor[..., G, kk, 2] offsets (dy, dx); i, j: positions broadcasting against
+    delta[..., 0, 0, 0]. Returns Tensor[..., G, kk, 2] as (x, y) in [-1, 1] for in-map samples.
+    """
+    rows, cols = _kernel_grid(kernel_size, delta.device)
     pad = kernel_size // 2
-    rows, cols = _kernel_grid(kernel_size, x.device)
-    source = x.permute(0, 2, 3, 1).reshape(batch * height * width, groups, channels // groups)  # [NHW, G, C/G]
-    group_index = torch.arange(groups, device=x.device).view(1, groups, 1, 1)
-    flat_weight = weight.reshape(out_channels, channels * kk)
-    outputs = []
-    for start in range(0, n.numel(), _CHUNK):
-        sl = slice(start, start + _CHUNK)
-        delta = offset[sl].reshape(-1, groups, kk, 2)  # [P, G, kk, (dy, dx)]
-        ys = (i[sl, None, None] - pad + rows).to(x.dtype) + delta[..., 0]  # [P, G, kk]
-        xs = (j[sl, None, None] - pad + cols).to(x.dtype) + delta[..., 1]
-        y0, x0 = ys.floor(), xs.floor()
-        ly, lx = ys - y0, xs - x0
-        corner_y = torch.stack([y0, y0, y0 + 1, y0 + 1], dim=-1)  # [P, G, kk, 4]
-        corner_x = torch.stack([x0, x0 + 1, x0, x0 + 1], dim=-1)
-        corner_w = torch.stack([(1 - ly) * (1 - lx), (1 - ly) * lx, ly * (1 - lx), ly * lx], dim=-1)
-        inside = (corner_y >= 0) & (corner_y <= height - 1) & (corner_x >= 0) & (corner_x <= width - 1)
-        corner_w = corner_w * inside
-        flat = (n[sl, None, None, None] * height + corner_y.clamp(0, height - 1).long()) * width + corner_x.clamp(0, width - 1).long()
-        values = source[flat, group_index]  # [P, G, kk, 4, C/G]
-        sampled = (values * corner_w[..., None]).sum(dim=3)  # [P, G, kk, C/G]
-        columns = sampled.permute(0, 1, 3, 2).reshape(sampled.shape[0], channels * kk)  # index c * kk + point
-        outputs.append(columns @ flat_weight.t())  # [P, O]
-    return torch.cat(outputs) if outputs else x.new_zeros((0, out_channels))
+    ys = (i[..., None, None] + (rows - pad)).to(delta.dtype) + delta[..., 0]
+    xs = (j[..., None, None] + (cols - pad)).to(delta.dtype) + delta[..., 1]
+    return torch.stack([(xs + 0.5) * (2 / width) - 1, (ys + 0.5) * (2 / height) - 1], dim=-1)
 
 
 def deform_conv_grid_sample(x: Tensor, offset: Tensor, weight: Tensor) -> Tensor:
@@ -132,21 +141,17 @@ def deform_conv_grid_sample(x: Tensor, offset: Tensor, weight: Tensor) -> Tensor
     out_channels, _, kernel_size, _ = weight.shape
     kk = kernel_size * kernel_size
     groups = offset.shape[1] // (2 * kk)
-    pad = kernel_size // 2
-    rows, cols = _kernel_grid(kernel_size, x.device)
-    delta = offset.view(batch, groups, kk, 2, height, width)
-    ys = torch.arange(height, device=x.device, dtype=x.dtype).view(1, 1, 1, height, 1) + (rows - pad).view(1, 1, kk, 1, 1) + delta[:, :, :, 0]
-    xs = torch.arange(width, device=x.device, dtype=x.dtype).view(1, 1, 1, 1, width) + (cols - pad).view(1, 1, kk, 1, 1) + delta[:, :, :, 1]
-    # pixel -> grid_sample coordinates (align_corners=False); zero padding outside, as torchvision does
-    grid = torch.stack([(xs + 0.5) * (2 / width) - 1, (ys + 0.5) * (2 / height) - 1], dim=-1)  # [N, G, kk, H, W, 2]
+    delta = offset.view(batch, groups, kk, 2, height * width).permute(0, 4, 1, 2, 3)  # [N, HW, G, kk, 2]
+    position = torch.arange(height * width, device=x.device)
+    grid = _sampling_grid(delta, position // width, position % width, kernel_size, height, width)  # [N, HW, G, kk, 2]
     sampled = F.grid_sample(
         x.reshape(batch * groups, channels // groups, height, width),
-        grid.reshape(batch * groups, kk * height, width, 2),
+        grid.permute(0, 2, 1, 3, 4).reshape(batch * groups, height * width, kk, 2),
         mode="bilinear",
         padding_mode="zeros",
         align_corners=False,
-    )  # [N * G, C / G, kk * H, W]
-    columns = sampled.reshape(batch, channels * kk, height * width)  # index c * kk + point
+    )  # [N * G, C / G, HW, kk]
+    columns = sampled.view(batch, channels, height * width, kk).permute(0, 1, 3, 2).reshape(batch, channels * kk, height * width)
     return (weight.reshape(out_channels, channels * kk) @ columns).view(batch, out_channels, height, width)
 
 
