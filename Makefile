@@ -27,7 +27,7 @@ test-slow: $(STAMP)
 	$(BIN)/python -m pytest -m slow $(ARGS)
 
 bench: $(STAMP)
-	$(BIN)/python benchmarks/bench_ga_rpn.py
+	$(BIN)/python benchmarks/bench_ga_rpn.py $(if $(wildcard runs/default/summary.json),--trained runs/default)
 	$(BIN)/python benchmarks/bench_proposal_cache.py
 
 clean:
