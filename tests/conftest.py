@@ -1,7 +1,25 @@
 """Shared fixtures. ``ray_session``: ONE Ray instance for the whole test session (starting Ray
-costs seconds; every test that needs Ray shares it)."""
+costs seconds; every test that needs Ray shares it). ``free_ports``: a function giving n free
+TCP ports on 127.0.0.1 (for the cluster scripts' tests)."""
+
+import socket
 
 import pytest
+
+
+@pytest.fixture(scope="session")
+def free_ports():
+    def pick(n: int) -> list[int]:
+        socks = [socket.socket() for _ in range(n)]
+        try:
+            for s in socks:
+                s.bind(("127.0.0.1", 0))
+            return [s.getsockname()[1] for s in socks]
+        finally:
+            for s in socks:
+                s.close()
+
+    return pick
 
 
 @pytest.fixture(scope="session")

@@ -275,19 +275,8 @@ http.server.HTTPServer((host, port), Health).serve_forever()
 """
 
 
-def free_ports(n: int) -> list[int]:
-    socks = [socket.socket() for _ in range(n)]
-    try:
-        for s in socks:
-            s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
-
-
 @pytest.fixture
-def fake_cluster(tmp_path):
+def fake_cluster(tmp_path, free_ports):
     """Environment for start.sh/stop.sh with stand-in executables, and a guarantee that
     whatever start.sh launched is gone afterwards."""
     bin_dir = tmp_path / "venv" / "bin"

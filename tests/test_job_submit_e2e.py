@@ -9,7 +9,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -29,23 +28,12 @@ STOP = ROOT / "clusters" / "local" / "stop.sh"
 RAY = Path(sys.executable).parent / "ray"
 
 
-def free_ports(n: int) -> list[int]:
-    socks = [socket.socket() for _ in range(n)]
-    try:
-        for s in socks:
-            s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
-
-
 def tail(path: Path, n: int = 40) -> str:
     return "\n".join(path.read_text(errors="replace").splitlines()[-n:]) if path.exists() else f"({path} missing)"
 
 
 @pytest.fixture(scope="module")
-def local_cluster(tmp_path_factory):
+def local_cluster(tmp_path_factory, free_ports):
     """A running clusters/local head + MLflow server; yields the environment a client needs
     (the exports start.sh prints), the two URLs and the state dir."""
     state = tmp_path_factory.mktemp("cluster") / "state"
