@@ -218,3 +218,14 @@ def test_rpn_nine_anchor_variant_has_three_times_the_anchors():
     nine = build_proposer(small("rpn", rpn_anchor_scales=3)).eval()
     with torch.no_grad():
         assert nine([toy_image()])[0]["num_anchors"] == 3 * three([toy_image()])[0]["num_anchors"]
+
+
+@pytest.mark.parametrize("name, channels", [("resnet18", 32), ("resnet50", 64)])
+def test_resnet_fpn_backbones_give_five_levels_at_the_fpn_strides(name, channels):
+    backbone = build_backbone(name, channels).eval()  # no pretrained weights: nothing downloaded
+    with torch.no_grad():
+        features = backbone(torch.rand(1, 3, 128, 128))
+    assert [tuple(f.shape) for f in features.values()] == [(1, channels, 128 // s, 128 // s) for s in (4, 8, 16, 32, 64)]
+    assert all(p.requires_grad for p in backbone.parameters())  # random init: every stage trains
+    with pytest.raises(ValueError, match="backbone"):
+        build_backbone("vgg16", channels)
