@@ -1,7 +1,9 @@
 """Shared fixtures. ``ray_session``: ONE Ray instance for the whole test session (starting Ray
 costs seconds; every test that needs Ray shares it). ``free_ports``: a function giving n free
-TCP ports on 127.0.0.1 (for the cluster scripts' tests)."""
+TCP ports on 127.0.0.1, and ``alive``: whether a process id still runs (for the cluster
+scripts' tests)."""
 
+import os
 import socket
 
 import pytest
@@ -30,3 +32,15 @@ def ray_session():
     ray.init(address="local", num_cpus=2, include_dashboard=False)
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def alive():
+    def running(pid: int) -> bool:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
+        return True
+
+    return running

@@ -322,15 +322,7 @@ def run(script: Path, env: dict) -> subprocess.CompletedProcess:
     return subprocess.run([str(script)], env=env, capture_output=True, text=True, timeout=120)
 
 
-def alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    return True
-
-
-def test_start_and_stop_local_cluster(fake_cluster):
+def test_start_and_stop_local_cluster(fake_cluster, alive):
     env = fake_cluster
     state = Path(env["CLUSTER_STATE_DIR"])
     log = Path(env["FAKE_LOG"])

@@ -124,15 +124,7 @@ def test_ray_job_submit_smoke_preset_logs_runs_to_mlflow_server(local_cluster, t
             assert logged[metric] == pytest.approx(value), (node, metric)
 
 
-def alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    return True
-
-
-def test_stop_ends_running_jobs_and_the_head(local_cluster, tmp_path):
+def test_stop_ends_running_jobs_and_the_head(local_cluster, tmp_path, alive):
     """Runs last in this module: it stops the module's cluster (teardown's stop.sh is then a
     no-op). A job's driver runs in its own process group, outside the head's; stop.sh must
     end it too."""
