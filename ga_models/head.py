@@ -84,10 +84,6 @@ class GuidedAnchorHead(nn.Module):
         if self.conv_loc is not None:
             nn.init.constant_(self.conv_loc.bias, -math.log((1 - 0.01) / 0.01))  # focal-loss prior p = 0.01
 
-    @property
-    def shape_channels(self) -> int:
-        return 2 if self.center_alignment else 4
-
     def forward_level(self, x: Tensor, loc_threshold: float) -> LevelOutputs:
         """One level: x Tensor[N, C, H, W]. In eval mode locations with sigmoid(loc) < loc_threshold
         are dropped and the adaption/cls/reg convs run only at the kept ones."""
@@ -98,8 +94,7 @@ class GuidedAnchorHead(nn.Module):
         if not self.training and loc is not None and loc_threshold > 0:
             mask = loc[:, 0].sigmoid() >= loc_threshold  # [N, H, W]
         if self.feature_adaption is not None:
-            shape_source = shape if shape is not None else feat.new_zeros((feat.shape[0], self.shape_channels, *feat.shape[2:]))
-            feat = self.feature_adaption(feat, shape_source, mask)
+            feat = self.feature_adaption(feat, shape, mask)
         return LevelOutputs(loc=loc, shape=shape, cls=self.conv_cls(feat, mask), reg=self.conv_reg(feat, mask), mask=mask)
 
     def forward(self, features: list[Tensor], loc_threshold: float = 0.01) -> list[LevelOutputs]:

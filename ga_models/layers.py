@@ -191,9 +191,11 @@ class FeatureAdaption(nn.Module):
         self.weight = nn.Parameter(torch.empty(out_channels, in_channels, kernel_size, kernel_size))
         nn.init.normal_(self.weight, std=0.01)
 
-    def forward(self, x: Tensor, shape_pred: Tensor, mask: Tensor | None = None) -> Tensor:
-        """x: Tensor[N, C, H, W]; shape_pred: Tensor[N, 2 or 4, H, W]; mask: Tensor[N, H, W] bool
-        or None. Returns Tensor[N, O, H, W]."""
+    def forward(self, x: Tensor, shape_pred: Tensor | None, mask: Tensor | None = None) -> Tensor:
+        """x: Tensor[N, C, H, W]; shape_pred: Tensor[N, 2 or 4, H, W] (unused, may be None, with
+        offset_source="features"); mask: Tensor[N, H, W] bool or None. Returns Tensor[N, O, H, W]."""
+        if self.offset_source == "shape" and shape_pred is None:
+            raise ValueError("shape-guided feature adaption needs the shape prediction")
         source = shape_pred.detach() if self.offset_source == "shape" else x
         if (mask is None or self.training) and x.is_cuda:
             offset = self.conv_offset(source)
