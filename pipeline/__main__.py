@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -15,6 +14,7 @@ from pipeline.dag import STAGES, Node, build_dag, cache_keys, make_plan
 from pipeline.runtime import RayAddressError
 from pipeline.store import ArtifactStore, StoreError
 from pipeline.tracking import TrackingError
+from stages._io import atomic_write_bytes
 
 DESCRIPTION = """Guided Anchoring experiment pipeline: trains the RPN baseline and GA-RPN with Ray Train,
 caches their proposals to Parquet, evaluates them, writes a report, and logs it all to MLflow.
@@ -152,11 +152,8 @@ def _run(args, cfg: PipelineConfig, plan, keys, store: ArtifactStore, workdir: P
 
 
 def _write_summary(workdir: Path, summary: dict) -> Path:
-    workdir.mkdir(parents=True, exist_ok=True)
     path = workdir / "summary.json"
-    tmp = path.with_name(".summary.json.tmp")
-    tmp.write_text(json.dumps(summary, indent=2, sort_keys=True))
-    os.replace(tmp, path)
+    atomic_write_bytes(path, json.dumps(summary, indent=2, sort_keys=True).encode("utf-8"))
     return path
 
 

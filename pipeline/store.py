@@ -28,6 +28,8 @@ from pathlib import Path
 
 import pyarrow.fs as pafs
 
+from stages._io import atomic_write_bytes
+
 MANIFEST = "manifest.json"
 _CHUNK = 1 << 20
 
@@ -182,12 +184,7 @@ class ArtifactStore:
     def _write_manifest(self, stage: str, key: str, data: bytes) -> None:
         final = self.path(stage, key, MANIFEST)
         if self.is_local:
-            fd, tmp = tempfile.mkstemp(dir=os.path.dirname(final), prefix=".manifest.", suffix=".tmp")
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, final)
+            atomic_write_bytes(final, data)
         else:  # an object store's PUT is atomic: the manifest appears whole or not at all
             with self.fs.open_output_stream(final) as f:
                 f.write(data)
