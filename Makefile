@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: full test test-slow bench venv clean
+.PHONY: full test test-slow lint bench venv clean
 
 # The venv is rebuilt only when pyproject.toml changes (idempotent and fast when present).
 $(STAMP): pyproject.toml
@@ -21,7 +21,11 @@ full: $(STAMP)
 	$(BIN)/python -m pipeline full $(ARGS)
 
 test: $(STAMP)
+	$(BIN)/ruff check .
 	$(BIN)/python -m pytest $(ARGS)
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
 
 test-slow: $(STAMP)
 	$(BIN)/python -m pytest -m slow $(ARGS)

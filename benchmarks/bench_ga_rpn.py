@@ -15,6 +15,7 @@ Prints a table and writes JSON (default benchmarks/results/ga_rpn.json). Goals: 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import platform
 import tempfile
@@ -110,7 +111,7 @@ def head_times(channels: int, size: int, batch: int, repeats: int) -> dict[str, 
     result = {"dense": timed(lambda: after_filter(None), repeats)}
     for fraction in FRACTIONS:
         mask = torch.rand(batch, size, size) < fraction
-        result[f"{fraction:.1%}"] = timed(lambda: after_filter(mask), repeats)
+        result[f"{fraction:.1%}"] = timed(functools.partial(after_filter, mask), repeats)
     return result
 
 
@@ -128,8 +129,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         train_ann, train_root = generate(Path(tmp) / "train", 40, 256, seed=0)
         val_ann, val_root = generate(Path(tmp) / "val", args.val_images, 256, seed=1)
-        train = CocoDetection(train_ann, train_root, min_size=256, max_size=256, train=True)
-        val_images = [image for image, _ in CocoDetection(val_ann, val_root, min_size=256, max_size=256)]
+        train = CocoDetection(train_ann, train_root, train=True)
+        val_images = [image for image, _ in CocoDetection(val_ann, val_root)]
         models = {}
         rows = {}
         for kind in ("rpn", "ga_rpn"):

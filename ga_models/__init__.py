@@ -5,14 +5,16 @@ from .head import GuidedAnchorHead
 from .layers import FeatureAdaption, MaskedConv2d
 from .proposals import Proposals
 from .proposer import Proposer, ProposerConfig, build_proposal_network, build_proposer, load_state_dict_checked
-from .rpn import ScoredRPN, build_rpn
+from .rpn import HeadOutputs, ProposalNetworkBase, ScoredRPN, build_rpn
 from .targets import location_targets, shape_targets
 
 __all__ = [
     "GARPN",
     "FeatureAdaption",
     "GuidedAnchorHead",
+    "HeadOutputs",
     "MaskedConv2d",
+    "ProposalNetworkBase",
     "Proposals",
     "Proposer",
     "ProposerConfig",

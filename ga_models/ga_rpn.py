@@ -14,10 +14,9 @@ from torchvision.models.detection.image_list import ImageList
 from .anchors import boxes_from_centers, decode_shape, grid_centers
 from .head import GuidedAnchorHead, LevelOutputs
 from .losses import bounded_iou_shape_loss, center_offset_loss, location_loss
-from .proposals import Proposals
-from .rpn import ProposalNetworkBase
+from .rpn import HeadOutputs, ProposalNetworkBase
 from .targets import approx_anchors, location_targets, sample_shape_positives, shape_targets
-from .validation import check_feature_maps, check_targets
+from .validation import check_feature_maps
 
 # Delta-coder stds of the reference for proposals relative to guided anchors (dx, dy, dw, dh).
 PROPOSAL_DELTA_STDS = (0.07, 0.07, 0.11, 0.11)
@@ -87,46 +86,35 @@ class GARPN(ProposalNetworkBase):
             centers = centers + shape[..., :2] * stride
         return boxes_from_centers(centers.expand(num_images, -1, -1), wh)
 
-    def propose(
-        self, images: ImageList, features: dict[str, Tensor], targets: list[dict[str, Tensor]] | None = None
-    ) -> Proposals:
-        feature_maps = list(features.values())
+    def predict(self, images: ImageList, feature_maps: list[Tensor]) -> HeadOutputs:
+        """Guided anchors and the head's logits, deltas and (at inference, with the location
+        branch and eps_L > 0) candidate masks; extras = the head's per level LevelOutputs."""
         check_feature_maps(feature_maps, len(self.strides))
         num_images = feature_maps[0].shape[0]
         outs = self.head(feature_maps, self.loc_threshold)
-        anchors = [self.guided_anchors(out, stride) for out, stride in zip(outs, self.strides)]  # [N, A_l, 4]
-        logits = [out.cls.reshape(num_images, -1) for out in outs]  # [N, A_l]
-        deltas = [out.reg.permute(0, 2, 3, 1).reshape(num_images, -1, 4) for out in outs]  # [N, A_l, 4]
         masks = None
         if all(out.mask is not None for out in outs):
-            masks = [out.mask.reshape(num_images, -1) for out in outs]  # [N, A_l]
-            num_anchors = torch.stack([m.sum(dim=1) for m in masks]).sum(dim=0)
-        else:
-            num_anchors = torch.full((num_images,), sum(l.shape[1] for l in logits), dtype=torch.int64, device=logits[0].device)
-        losses: dict[str, Tensor] = {}
-        if self.training:
-            targets = check_targets(targets, num_images)
-            losses = self.anchor_losses(outs, [t["boxes"] for t in targets])
-            flat_anchors = torch.cat(anchors, dim=1).detach()  # [N, A, 4]
-            losses.update(self.box_losses(list(flat_anchors), torch.cat(logits, dim=1), torch.cat(deltas, dim=1), targets))
-            if not self.proposals_in_training:
-                return Proposals([], [], [], num_anchors, losses)
-        proposals = [
-            self.box_coder.decode_single(d.detach().reshape(-1, 4), a.detach().reshape(-1, 4)).view(num_images, -1, 4)
-            for d, a in zip(deltas, anchors)
-        ]
-        boxes, scores, levels = self.select(proposals, logits, masks, images.image_sizes)
-        return Proposals(boxes, scores, levels, num_anchors, losses)
+            masks = [out.mask.reshape(num_images, -1) for out in outs]  # [N, H_l, W_l] -> [N, A_l]
+        return HeadOutputs(
+            anchors=[self.guided_anchors(out, stride) for out, stride in zip(outs, self.strides)],  # per level [N, A_l, 4]
+            logits=[out.cls.reshape(num_images, -1) for out in outs],  # [N, 1, H_l, W_l] -> [N, A_l]
+            deltas=[out.reg.permute(0, 2, 3, 1).reshape(num_images, -1, 4) for out in outs],  # [N, 4, H_l, W_l] -> [N, A_l, 4]
+            masks=masks,
+            extras=outs,
+        )
 
-    def anchor_losses(self, outs: list[LevelOutputs], gt_boxes: list[Tensor]) -> dict[str, Tensor]:
+    def extra_losses(self, out: HeadOutputs, targets: list[dict[str, Tensor]]) -> dict[str, Tensor]:
         """loss_anchor_loc (lambda1 * focal loss) and loss_anchor_shape (lambda2 * bounded IoU),
-        for the branches that exist. gt_boxes: per image Tensor[K_i, 4] in input pixels."""
-        sizes = [tuple(out.cls.shape[-2:]) for out in outs]
+        for the branches that exist. targets: per image dict(boxes=Tensor[K_i, 4]) in input pixels."""
+        outs: list[LevelOutputs] = out.extras
+        gt_boxes = [t["boxes"] for t in targets]
+        sizes = [tuple(level.cls.shape[-2:]) for level in outs]
         losses = {}
         if outs[0].loc is not None:
-            per_image = [location_targets(b, sizes, list(self.strides), self.center_ratio, self.ignore_ratio, self.octave_base_scale) for b in gt_boxes]
+            args = (sizes, list(self.strides), self.center_ratio, self.ignore_ratio, self.octave_base_scale)
+            per_image = [location_targets(b, *args) for b in gt_boxes]  # per image, per level [H_l, W_l]
             target = torch.cat([torch.stack([t[l] for t in per_image]).flatten(1) for l in range(len(sizes))], dim=1)  # [N, A]
-            logits = torch.cat([out.loc.flatten(1) for out in outs], dim=1)  # [N, A]
+            logits = torch.cat([level.loc.flatten(1) for level in outs], dim=1)  # [N, 1, H_l, W_l] -> [N, A]
             losses["loss_anchor_loc"] = self.loc_weight * location_loss(logits.flatten(), target.flatten())
         if outs[0].shape is not None:
             losses["loss_anchor_shape"] = self.shape_weight * self.shape_loss(outs, gt_boxes, sizes)
@@ -136,7 +124,9 @@ class GARPN(ProposalNetworkBase):
         """Mean bounded-IoU loss (Eq. 6) over the sampled positive locations of the batch
         (plus the centre-offset loss without centre alignment); 0 when there are none."""
         device = outs[0].shape.device
-        approx = approx_anchors(sizes, list(self.strides), self.approx_samples, device, self.octave_base_scale, self.center_offset)  # [A, S, 4]
+        approx = approx_anchors(
+            sizes, list(self.strides), self.approx_samples, device, self.octave_base_scale, self.center_offset
+        )  # [A, S, 4]
         assigned = [shape_targets(b, approx, *self.shape_thresholds) for b in gt_boxes]
         sampled = torch.stack(sample_shape_positives([a.labels for a in assigned]))  # [N, A] bool
         shape = torch.cat([out.shape.permute(0, 2, 3, 1).flatten(1, 2) for out in outs], dim=1)  # [N, A, C_s]

@@ -7,7 +7,7 @@ scores Tensor[K], levels Tensor[K] int64, num_anchors Tensor[] int64)]``.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 
 from torch import Tensor, nn
 from torchvision.models.detection.transform import GeneralizedRCNNTransform
@@ -18,7 +18,11 @@ from .backbones import BACKBONES, FPN_STRIDES, build_backbone
 from .ga_rpn import GARPN
 from .head import GuidedAnchorHead
 from .rpn import ProposalNetworkBase, build_rpn
-from .validation import check_targets
+from .validation import check_box_values, check_images, check_targets
+
+# Field metadata of a ProposerConfig field used only at inference: it changes proposals, not the
+# trained weights, so a training node's cache key leaves it out.
+INFERENCE_ONLY = {"inference_only": True}
 
 
 @dataclass(frozen=True)
@@ -41,7 +45,7 @@ class ProposerConfig:
     use_feature_adaption: bool = True
     center_alignment: bool = True
     adaption: str = "guided"  # "guided" | "plain_deform"
-    loc_threshold: float = 0.01  # eps_L
+    loc_threshold: float = field(default=0.01, metadata=INFERENCE_ONLY)  # eps_L
     approx_samples: int = 9  # K of the vIoU estimate: 3, 9, 15
     center_ratio: float = 0.2  # sigma1
     ignore_ratio: float = 0.5  # sigma2
@@ -52,10 +56,10 @@ class ProposerConfig:
     anchor_center_offset: float = 0.5  # 0.5 = paper, 0.0 = reference code
     shape_delta_std: float = 0.14  # w = sigma * s * exp(std * dw); the reference's anchor-shape coder std
     # test-time selection (both kinds)
-    pre_nms_top_n: int = 2000
-    post_nms_per_level: int = 1000
-    post_nms_top_n: int = 1000
-    nms_thresh: float = 0.7
+    pre_nms_top_n: int = field(default=2000, metadata=INFERENCE_ONLY)
+    post_nms_per_level: int = field(default=1000, metadata=INFERENCE_ONLY)
+    post_nms_top_n: int = field(default=1000, metadata=INFERENCE_ONLY)
+    nms_thresh: float = field(default=0.7, metadata=INFERENCE_ONLY)
 
     def __post_init__(self) -> None:
         def require(ok: bool, field: str, why: str) -> None:
@@ -69,7 +73,9 @@ class ProposerConfig:
                 raise ValueError(f"ProposerConfig.{f.name}={value!r}: expected {f.type}")
         require(self.kind in ("rpn", "ga_rpn"), "kind", "must be 'rpn' or 'ga_rpn'")
         require(self.backbone in BACKBONES, "backbone", f"must be one of {BACKBONES}")
-        require(not (self.pretrained_backbone and self.backbone == "tiny"), "pretrained_backbone", "the tiny backbone has no pretrained weights")
+        require(
+            not (self.pretrained_backbone and self.backbone == "tiny"), "pretrained_backbone", "the tiny backbone has no pretrained weights"
+        )
         require(0 <= self.trainable_backbone_layers <= 5, "trainable_backbone_layers", "must be in [0, 5]")
         require(self.fpn_channels > 0 and self.fpn_channels % 8 == 0, "fpn_channels", "must be a positive multiple of 8")
         require(32 <= self.min_size <= self.max_size, "min_size", "need 32 <= min_size <= max_size")
@@ -104,16 +110,13 @@ class Proposer(nn.Module):
 
     def forward(self, images: list[Tensor], targets: list[dict[str, Tensor]] | None = None):
         """images: list of Tensor[3, H_i, W_i] float in [0, 1]; targets (training): list of
-        dict(boxes=Tensor[K_i, 4] xyxy pixels, ...)."""
-        if not isinstance(images, (list, tuple)) or not images:
-            raise ValueError("images must be a non-empty list of Tensor[3, H, W]")
-        for i, image in enumerate(images):
-            if not isinstance(image, Tensor) or image.dim() != 3 or image.shape[0] != 3:
-                raise ValueError(f"images[{i}] must be a Tensor[3, H, W], got {getattr(image, 'shape', type(image).__name__)}")
-            if not image.is_floating_point():
-                raise ValueError(f"images[{i}] must be floating point in [0, 1], got {image.dtype}")
+        dict(boxes=Tensor[K_i, 4] xyxy pixels, ...). The one place that validates them: the
+        modules below assume valid boxes (box values cost a host sync each on GPU)."""
+        check_images(images)
         if self.training:
             targets = check_targets(targets, len(images))
+            for i, target in enumerate(targets):
+                check_box_values(target["boxes"], f"targets[{i}]['boxes']")
             targets = [{"boxes": t["boxes"]} for t in targets]
         original_sizes = [tuple(image.shape[-2:]) for image in images]
         image_list, targets = self.transform(list(images), targets)
@@ -186,6 +189,7 @@ def load_state_dict_checked(model: nn.Module, state_dict: dict[str, Tensor], sou
         def head(keys: list[str]) -> str:
             return ", ".join(keys[:5]) + (f" (+{len(keys) - 5} more)" if len(keys) > 5 else "")
 
-        problems = [f"{label}: {head(keys)}" for label, keys in (("missing", missing), ("unexpected", unexpected), ("shape mismatch", mis_shaped)) if keys]
+        labelled = (("missing", missing), ("unexpected", unexpected), ("shape mismatch", mis_shaped))
+        problems = [f"{label}: {head(keys)}" for label, keys in labelled if keys]
         raise ValueError(f"{source} does not match the model ({'; '.join(problems)})")
     model.load_state_dict(state_dict)

@@ -2,12 +2,16 @@
 
 ``ProposalNetworkBase`` is a torchvision ``RegionProposalNetwork`` (same constructor knobs,
 same ``forward(images, features, targets) -> (boxes, losses)`` contract, so it installs as
-``FasterRCNN(...).rpn``) whose ``propose`` also returns scores, levels and anchor counts.
+``FasterRCNN(...).rpn``) whose ``propose`` also returns scores, levels and anchor counts. A
+network fills two hooks: ``predict`` (per level anchors, logits, deltas and candidate masks) and
+optionally ``extra_losses``; the base owns the rest (RPN losses, decoding, selection).
 ``ScoredRPN`` is the paper's RPN baseline on torchvision's anchor generator and head.
 
-Shape shorthand: N images, A anchors per image over all levels, A_l of level l.
+Shape shorthand: N images, L levels, A anchors per image over all levels, A_l of level l.
 """
 from __future__ import annotations
+
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
@@ -21,9 +25,31 @@ from .targets import MinPosIoUMatcher
 from .validation import check_targets
 
 
+class HeadOutputs(NamedTuple):
+    """What a network's ``predict`` hook returns for N images, one entry per level l.
+
+    anchors: Tensor[N, A_l, 4] xyxy in input pixels (may carry gradient; the base detaches them).
+    logits: Tensor[N, A_l] objectness logits.
+    deltas: Tensor[N, A_l, 4] box deltas relative to the anchors (the network's ``box_coder``).
+    masks: Tensor[N, A_l] bool of the candidate locations, or None (all locations are candidates).
+    extras: whatever the network's ``extra_losses`` needs (GA-RPN: its per level ``LevelOutputs``).
+    """
+
+    anchors: list[Tensor]
+    logits: list[Tensor]
+    deltas: list[Tensor]
+    masks: list[Tensor] | None = None
+    extras: Any = None
+
+
 class ProposalNetworkBase(RegionProposalNetwork):
-    """Common test-time selection and RPN cls/reg losses of the baseline and GA-RPN. The
-    assigner is the reference's for both (0.7 / 0.3, min_pos_iou 0.3, see MinPosIoUMatcher)."""
+    """Common training and test-time tail of the baseline and GA-RPN: RPN cls/reg losses,
+    decoding and selection. The assigner is the reference's for both (0.7 / 0.3, min_pos_iou 0.3,
+    see MinPosIoUMatcher). Subclasses implement ``predict`` and may add ``extra_losses``.
+
+    Targets are assumed valid (checked by the caller: ``Proposer.forward``, or torchvision's
+    ``GeneralizedRCNN``); ``propose`` only checks their structure, which needs no host sync.
+    """
 
     def __init__(
         self,
@@ -64,9 +90,46 @@ class ProposalNetworkBase(RegionProposalNetwork):
         self, images: ImageList, features: dict[str, Tensor], targets: list[dict[str, Tensor]] | None = None
     ) -> tuple[list[Tensor], dict[str, Tensor]]:
         """torchvision's RPN contract: per image proposals Tensor[K_i, 4] and the loss dict
-        (``propose``, defined by each subclass, also gives scores, levels and anchor counts)."""
+        (``propose`` also gives scores, levels and anchor counts)."""
         out = self.propose(images, features, targets)
         return out.boxes, out.losses
+
+    def predict(self, images: ImageList, feature_maps: list[Tensor]) -> HeadOutputs:
+        """The hook each network fills: per level anchors, objectness logits, box deltas and
+        candidate masks (see HeadOutputs) of feature_maps, per level Tensor[N, C, H_l, W_l]."""
+        raise NotImplementedError(f"{type(self).__name__} must implement predict(images, feature_maps) -> HeadOutputs")
+
+    def extra_losses(self, out: HeadOutputs, targets: list[dict[str, Tensor]]) -> dict[str, Tensor]:
+        """The hook for a network's own loss_* terms beside the RPN cls/reg losses (none here).
+        out: ``predict``'s output; targets: per image dict(boxes=Tensor[K_i, 4]), assumed valid."""
+        return {}
+
+    def propose(
+        self, images: ImageList, features: dict[str, Tensor], targets: list[dict[str, Tensor]] | None = None
+    ) -> Proposals:
+        """``predict``, then in training the losses (``extra_losses`` + ``box_losses``), then, unless
+        training without proposals, per level decoding and ``select``."""
+        out = self.predict(images, list(features.values()))
+        num_images = out.logits[0].shape[0]
+        if out.masks is None:
+            total = sum(l.shape[1] for l in out.logits)  # A
+            num_anchors = torch.full((num_images,), total, dtype=torch.int64, device=out.logits[0].device)  # [N]
+        else:
+            num_anchors = torch.stack([m.sum(dim=1) for m in out.masks]).sum(dim=0)  # [L, N] -> [N]
+        losses: dict[str, Tensor] = {}
+        if self.training:
+            targets = check_targets(targets, num_images)
+            losses = self.extra_losses(out, targets)
+            anchors = torch.cat(out.anchors, dim=1).detach()  # [N, A, 4]
+            losses.update(self.box_losses(list(anchors), torch.cat(out.logits, dim=1), torch.cat(out.deltas, dim=1), targets))
+            if not self.proposals_in_training:
+                return Proposals([], [], [], num_anchors, losses)
+        proposals = [
+            self.box_coder.decode_single(d.detach().reshape(-1, 4), a.detach().reshape(-1, 4)).view(num_images, -1, 4)  # [N, A_l, 4]
+            for d, a in zip(out.deltas, out.anchors)
+        ]
+        boxes, scores, levels = self.select(proposals, out.logits, out.masks, images.image_sizes)
+        return Proposals(boxes, scores, levels, num_anchors, losses)
 
     def select(
         self,
@@ -112,28 +175,18 @@ class ScoredRPN(ProposalNetworkBase):
     """The paper's RPN baseline: torchvision's RPNHead and AnchorGenerator (1 scale x 3 ratios
     per level, or 3 x 3 for the '9 anchors' variant), selected like GA-RPN."""
 
-    def propose(
-        self, images: ImageList, features: dict[str, Tensor], targets: list[dict[str, Tensor]] | None = None
-    ) -> Proposals:
-        feature_maps = list(features.values())
-        objectness, deltas = self.head(feature_maps)  # per level [N, a, H, W], [N, 4a, H, W]
+    def predict(self, images: ImageList, feature_maps: list[Tensor]) -> HeadOutputs:
+        """torchvision's head and anchor generator; every anchor is a candidate (no masks)."""
+        objectness, deltas = self.head(feature_maps)  # per level [N, a, H_l, W_l], [N, 4a, H_l, W_l]
         anchors = self.anchor_generator(images, feature_maps)  # per image [A, 4]
         num_images = len(anchors)
-        num_per_level = [o[0].numel() for o in objectness]
+        num_per_level = [o[0].numel() for o in objectness]  # A_l = a * H_l * W_l
         objectness, deltas = concat_box_prediction_layers(objectness, deltas)  # [N*A, 1], [N*A, 4]
-        objectness = objectness.view(num_images, -1)  # [N, A]
-        num_anchors = torch.full((num_images,), objectness.shape[1], dtype=torch.int64, device=objectness.device)
-        losses: dict[str, Tensor] = {}
-        if self.training:
-            targets = check_targets(targets, num_images)
-            losses = self.box_losses(anchors, objectness, deltas.view(num_images, -1, 4), targets)
-            if not self.proposals_in_training:
-                return Proposals([], [], [], num_anchors, losses)
-        proposals = self.box_coder.decode(deltas.detach(), anchors).view(num_images, -1, 4)  # [N, A, 4]
-        boxes, scores, levels = self.select(
-            list(proposals.split(num_per_level, dim=1)), list(objectness.split(num_per_level, dim=1)), None, images.image_sizes
+        return HeadOutputs(
+            anchors=list(torch.stack(anchors).split(num_per_level, dim=1)),  # [N, A, 4] -> per level [N, A_l, 4]
+            logits=list(objectness.view(num_images, -1).split(num_per_level, dim=1)),  # [N, A] -> per level [N, A_l]
+            deltas=list(deltas.view(num_images, -1, 4).split(num_per_level, dim=1)),  # [N, A, 4] -> per level [N, A_l, 4]
         )
-        return Proposals(boxes, scores, levels, num_anchors, losses)
 
 
 def build_rpn(

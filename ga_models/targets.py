@@ -13,7 +13,7 @@ from torchvision.models.detection._utils import BalancedPositiveNegativeSampler,
 from torchvision.ops import box_iou
 
 from .anchors import approx_shapes, assign_levels, boxes_from_centers, grid_centers
-from .validation import check_boxes
+from .validation import check_box_tensor
 
 
 def _region_masks(grid_boxes: Tensor, ratio: float, height: int, width: int) -> Tensor:
@@ -75,8 +75,10 @@ def location_targets(
     level (``assign_levels``); on that level its CR (central ``center_ratio``) is positive and
     its IR (central ``ignore_ratio`` minus CR) ignored; its IR is also ignored on the two
     adjacent levels. Precedence is the paper's: CR beats IR beats OR, whichever box they come from.
+    The boxes' values are assumed valid (finite, x2 > x1, y2 > y1: checked by the caller, e.g.
+    ``Proposer.forward``); only their structure is checked here (no host sync).
     """
-    check_boxes(gt_boxes, "gt_boxes")
+    check_box_tensor(gt_boxes, "gt_boxes")
     if len(featmap_sizes) != len(strides):
         raise ValueError(f"got {len(featmap_sizes)} featmap_sizes for {len(strides)} strides")
     if not 0 < center_ratio <= ignore_ratio <= 1:
@@ -139,9 +141,10 @@ def shape_targets(
     vIoU(location, gt) is approximated by the best IoU over the S sampled shapes, which is
     never larger than the IoU of the best possible anchor (so vIoU >= IoU of each sample).
     A location is positive at vIoU >= pos_iou, negative below neg_iou, and each GT also
-    claims its best-vIoU locations when that vIoU >= min_pos_iou.
+    claims its best-vIoU locations when that vIoU >= min_pos_iou. The boxes' values are assumed
+    valid (checked by the caller, e.g. ``Proposer.forward``); only their structure is checked here.
     """
-    check_boxes(gt_boxes, "gt_boxes")
+    check_box_tensor(gt_boxes, "gt_boxes")
     num_locations, num_samples = approx.shape[:2]
     if gt_boxes.shape[0] == 0:
         return ShapeTargets(

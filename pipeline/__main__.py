@@ -4,17 +4,19 @@
 from __future__ import annotations
 
 import argparse
-import json
+import logging
 import sys
 import time
 from pathlib import Path
 
 from pipeline.config import VARIANTS, ConfigError, PipelineConfig, flatten, resolve, to_dict, to_yaml
-from pipeline.dag import STAGES, Node, build_dag, cache_keys, make_plan
+from pipeline.dag import Node, build_dag, cache_keys, make_plan
 from pipeline.runtime import RayAddressError
+from pipeline.stage_table import STAGE_NAMES
 from pipeline.store import ArtifactStore, StoreError
 from pipeline.tracking import TrackingError
-from stages._io import atomic_write_bytes
+from stages.coco import DatasetError
+from stages.io import write_json
 
 DESCRIPTION = """Guided Anchoring experiment pipeline: trains the RPN baseline and GA-RPN with Ray Train,
 caches their proposals to Parquet, evaluates them, writes a report, and logs it all to MLflow.
@@ -44,14 +46,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="re-run STAGE (or node id like train/rpn) even if cached (repeatable)")
     common.add_argument("--from", dest="rerun_from", action="append", default=[], metavar="STAGE",
                         help="re-run STAGE and everything downstream of it (repeatable)")
+    common.add_argument("--verbose", "-v", action="store_true",
+                        help="also show Ray Train's own log lines and every node's debug output")
     parser = argparse.ArgumentParser(prog="pipeline", description=DESCRIPTION,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     sub.add_parser("full", parents=[common], help="run the whole DAG")
     run = sub.add_parser("run", parents=[common], help="run one stage and what it needs")
-    run.add_argument("stage", choices=STAGES)
+    run.add_argument("stage", choices=STAGE_NAMES)
     plan = sub.add_parser("plan", parents=[common], help="show what would run and why")
-    plan.add_argument("stage", nargs="?", choices=STAGES)
+    plan.add_argument("stage", nargs="?", choices=STAGE_NAMES)
     sub.add_parser("data", parents=[common], help="generate or validate the dataset only")
     return parser.parse_args(argv)
 
@@ -60,18 +64,31 @@ def select(dag: dict[str, Node], names: list[str], what: str) -> set[str]:
     """Node ids for stage names or node ids given to --force/--from."""
     out = set()
     for name in names:
-        hits = [n for n in dag if n == name or dag[n].stage == name]
+        hits = [n for n in dag if n == name or dag[n].stage.name == name]
         if not hits:
-            raise UsageError(f"{what} {name!r}: no such stage or node (stages: {', '.join(STAGES)}; nodes: {', '.join(dag)})")
+            raise UsageError(f"{what} {name!r}: no such stage or node (stages: {', '.join(STAGE_NAMES)}; nodes: {', '.join(dag)})")
         out.update(hits)
     return out
 
 
+def configure_logging(verbose: bool) -> None:
+    """Progress and results of the project's loggers on stdout, one line each (the CLI's own
+    output); third-party loggers keep their defaults."""
+    handler = logging.StreamHandler(sys.stdout)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    for name in ("pipeline", "stages", "ga_models"):
+        log = logging.getLogger(name)
+        log.handlers[:] = [handler]
+        log.setLevel(logging.DEBUG if verbose else logging.INFO)
+        log.propagate = False
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    configure_logging(args.verbose)
     try:
         return _main(args)
-    except (ConfigError, UsageError, StoreError, TrackingError, RayAddressError, FileNotFoundError) as e:
+    except (ConfigError, UsageError, StoreError, TrackingError, RayAddressError, DatasetError, FileNotFoundError) as e:
         print(f"pipeline: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
@@ -86,7 +103,7 @@ def _main(args: argparse.Namespace) -> int:
     check_paths(cfg.data)
     dag = build_dag((args.variant,) if args.variant else VARIANTS)
     stage = getattr(args, "stage", None) or ("data" if args.command == "data" else None)
-    targets = [n for n in dag if stage is None or dag[n].stage == stage]
+    targets = [n for n in dag if stage is None or dag[n].stage.name == stage]
     force, rerun_from = select(dag, args.force, "--force"), select(dag, args.rerun_from, "--from")
     preset_name = Path(args.preset).stem
     workdir = Path(args.workdir or Path("runs", preset_name))
@@ -126,7 +143,7 @@ def _run(args, cfg: PipelineConfig, plan, keys, store: ArtifactStore, workdir: P
             "preset": args.preset, "command": " ".join(["pipeline", args.command] + ([args.stage] if getattr(args, "stage", None) else [])),
             "git_sha": tracking.git_sha(), "variant": args.variant})
         tracker.start_parent(f"{args.command} {preset_name}", flatten(to_dict(cfg)), config_file)
-        outcomes = execute(cfg, plan, store, keys, tracker)
+        outcomes = execute(cfg, plan, store, keys, tracker, verbose=args.verbose)
         ok = all(o.error is None for o in outcomes.values()) and len(outcomes) == len(plan)
         summary_file = _write_summary(workdir, summary_json(outcomes))
         report = next((store.uri("report", o.key, "report.md") for o in outcomes.values()
@@ -153,7 +170,7 @@ def _run(args, cfg: PipelineConfig, plan, keys, store: ArtifactStore, workdir: P
 
 def _write_summary(workdir: Path, summary: dict) -> Path:
     path = workdir / "summary.json"
-    atomic_write_bytes(path, json.dumps(summary, indent=2, sort_keys=True).encode("utf-8"))
+    write_json(path, summary, indent=2, sort_keys=True)
     return path
 
 

@@ -5,8 +5,8 @@ Sections and the dataclass each maps onto (no second copy of any field):
 
     name             PipelineConfig (the MLflow experiment name)
     data             stages.data.DataConfig
-    proposer         ga_models.ProposerConfig without ``kind`` (set per variant) and
-                     ``min_size``/``max_size`` (taken from ``data``)
+    proposer         ga_models.ProposerConfig without ``kind`` (set per variant); its
+                     ``min_size``/``max_size`` are the size images enter the models at
     train            stages.train_proposer.TrainConfig
     proposals        stages.proposals.ProposalsConfig
 
@@ -30,7 +30,9 @@ from stages.train_proposer import TrainConfig
 
 PRESET_DIR = Path(__file__).with_name("presets")
 VARIANTS = ("rpn", "ga_rpn")  # variant name = ProposerConfig.kind
-PROPOSER_DERIVED = ("kind", "min_size", "max_size")
+PROPOSER_DERIVED = ("kind",)
+# Keys that moved, with where they went (an old preset or --set gets a pointed error).
+MOVED = {"data.min_size": "proposer.min_size", "data.max_size": "proposer.max_size"}
 
 
 class ConfigError(ValueError):
@@ -50,10 +52,10 @@ class PipelineConfig:
             raise ConfigError(f"name: must be a non-empty string without slashes, got {self.name!r}")
 
     def proposer_for(self, variant: str) -> ProposerConfig:
-        """The full ProposerConfig of a variant (``kind`` = variant, sizes from ``data``)."""
+        """The full ProposerConfig of a variant (``kind`` = variant)."""
         if variant not in VARIANTS:
             raise ConfigError(f"unknown variant {variant!r} (one of {', '.join(VARIANTS)})")
-        return dataclasses.replace(self.proposer, kind=variant, min_size=self.data.min_size, max_size=self.data.max_size)
+        return dataclasses.replace(self.proposer, kind=variant)
 
 
 def preset_names() -> list[str]:
@@ -105,10 +107,12 @@ def build_config(raw: dict) -> PipelineConfig:
     proposer = raw.get("proposer") or {}
     if not isinstance(proposer, dict):
         raise ConfigError(f"proposer: expected a mapping, got {type(proposer).__name__}")
-    for name in PROPOSER_DERIVED:
-        if name in proposer:
-            hint = "set per variant" if name == "kind" else f"set data.{name} instead"
-            raise ConfigError(f"proposer.{name}: not configurable here ({hint})")
+    if "kind" in proposer:
+        raise ConfigError("proposer.kind: not configurable here (set per variant)")
+    for old, new in MOVED.items():
+        section, _, key = old.partition(".")
+        if isinstance(raw.get(section), dict) and key in raw[section]:
+            raise ConfigError(f"{old}: moved to {new} (the model's transform resizes the images)")
     return _build(PipelineConfig, raw, "")
 
 

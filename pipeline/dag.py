@@ -1,62 +1,59 @@
-"""The DAG of ``pipeline full``, cache keys, and the plan of what will run and why.
+"""The DAG of ``pipeline full``, cache keys, and the plan of what will run and why, all
+derived from the stage table (``pipeline.stage_table.STAGES``)::
 
     data ──> train/rpn ────> proposals/rpn ────> eval_proposals/rpn ────┐
         └──> train/ga_rpn ─> proposals/ga_rpn ─> eval_proposals/ga_rpn ─┴─> report
 
-Cache key of a node = sha256 of (its stage and variant, its config slice, its inputs' keys,
-the source of the code it runs). Keys depend on configuration and code only, never on
-outputs, so the whole plan is known before anything runs, and a change re-keys exactly the
-nodes downstream of it.
+Cache key of a node = sha256 of (its stage and variant, its config slice as the stage record
+derives it, the stage's fingerprint of external inputs, its inputs' keys, the digest of the
+code its stage module imports). Keys depend on configuration and code only, never on outputs,
+so the whole plan is known before anything runs, and a change re-keys exactly the nodes
+downstream of it.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import hashlib
-import importlib
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-from pipeline.config import VARIANTS, PipelineConfig, to_dict
+from pipeline.code_hash import ROOT, code_digest
+from pipeline.config import VARIANTS, PipelineConfig
+from pipeline.stage_table import STAGES, Stage
 
-STAGES = ("data", "train", "proposals", "eval_proposals", "report")
-# ProposerConfig fields used only at inference: they key the proposals, not the training.
-INFERENCE_FIELDS = ("loc_threshold", "pre_nms_top_n", "post_nms_per_level", "post_nms_top_n", "nms_thresh")
-# TrainConfig fields that do not change the trained model.
-NON_RESULT_TRAIN_FIELDS = ("max_failures", "log_every")
-
-# Modules whose source each stage runs (packages: every .py file in them).
-CODE: dict[str, tuple[str, ...]] = {
-    "data": ("stages.data", "stages.synthetic", "stages.datasets", "stages._io"),
-    "train": ("stages.train_proposer", "stages.datasets", "ga_models", "pipeline.training"),
-    "proposals": ("stages.proposals", "stages.datasets", "stages.proposal_cache", "ga_models"),
-    "eval_proposals": ("stages.eval_proposals", "stages.metrics", "stages.proposal_cache", "stages._io"),
-    "report": ("stages.report", "stages._io"),
-}
+# Field-metadata flags declared on the config dataclasses (``field(metadata=...)``).
+INFERENCE_ONLY = "inference_only"  # changes proposals, not trained weights
+AFFECTS_RESULT = "affects_result"  # False: cannot change any output (logging, retries)
 
 
 @dataclass(frozen=True)
 class Node:
-    stage: str
+    stage: Stage
     variant: str | None = None
     deps: tuple[str, ...] = ()
 
     @property
     def id(self) -> str:
-        return self.stage if self.variant is None else f"{self.stage}/{self.variant}"
+        return self.stage.name if self.variant is None else f"{self.stage.name}/{self.variant}"
 
 
 def build_dag(variants: tuple[str, ...] = VARIANTS) -> dict[str, Node]:
-    """Nodes by id, in topological order."""
-    nodes = [Node("data")]
-    for v in variants:
-        nodes.append(Node("train", v, ("data",)))
-        nodes.append(Node("proposals", v, (f"train/{v}", "data")))
-        nodes.append(Node("eval_proposals", v, (f"proposals/{v}", "data")))
-    nodes.append(Node("report", None, tuple(f"eval_proposals/{v}" for v in variants)))
-    return {n.id: n for n in nodes}
+    """Nodes by id, in topological order (the table's order, variants in the given order)."""
+    nodes: dict[str, Node] = {}
+    for stage in STAGES:
+        for variant in (variants if stage.per_variant else (None,)):
+            deps: list[str] = []
+            for template in stage.deps:
+                if template.endswith("/*"):
+                    deps += [f"{template[:-2]}/{v}" for v in variants]
+                else:
+                    deps.append(template.format(variant=variant))
+            node = Node(stage, variant, tuple(deps))
+            nodes[node.id] = node
+    return nodes
 
 
 def descendants(dag: dict[str, Node], ids: set[str]) -> set[str]:
@@ -68,49 +65,42 @@ def descendants(dag: dict[str, Node], ids: set[str]) -> set[str]:
     return out
 
 
-def config_slice(cfg: PipelineConfig, node: Node) -> dict:
-    """The part of the config a node's output depends on (besides its inputs)."""
-    if node.stage == "data":
-        out = {"data": to_dict(cfg)["data"]}
-        if cfg.data.synthetic is None:  # an edited annotation file re-keys the data
-            out["files"] = {f: _stat(cfg.data.coco_path(f)) for f in ("train_ann", "val_ann")}
-        return out
-    if node.stage == "train":
-        proposer = dataclasses.asdict(cfg.proposer_for(node.variant))
-        train = dataclasses.asdict(cfg.train)
-        return {"proposer": {k: v for k, v in proposer.items() if k not in INFERENCE_FIELDS},
-                "train": {k: v for k, v in train.items() if k not in NON_RESULT_TRAIN_FIELDS}}
-    if node.stage == "proposals":
-        proposer = dataclasses.asdict(cfg.proposer_for(node.variant))
-        return {"proposer": {k: proposer[k] for k in INFERENCE_FIELDS}, "proposals": dataclasses.asdict(cfg.proposals)}
-    return {}
+def config_slice(cfg: PipelineConfig, node: Node) -> Any:
+    """The typed config the node's stage runs with."""
+    return node.stage.config(cfg, node.variant)
 
 
-def code_hash(stage: str) -> str:
-    """sha256 over the source files of the modules in ``CODE[stage]``."""
-    digest = hashlib.sha256()
-    for name in CODE[stage]:
-        module = importlib.import_module(name)
-        path = Path(module.__file__)
-        files = sorted(path.parent.rglob("*.py")) if path.name == "__init__.py" else [path]
-        for f in files:
-            digest.update(f"{name}:{f.relative_to(path.parent).as_posix()}\n".encode())
-            digest.update(f.read_bytes())
-    return digest.hexdigest()
+def keyed_slice(cfg: PipelineConfig, node: Node) -> Any:
+    """The node's config slice as it enters its cache key (plain data; see ``keyed_config``)."""
+    return keyed_config(config_slice(cfg, node), drop_inference=node.stage.trains_weights)
 
 
-def cache_keys(cfg: PipelineConfig, dag: dict[str, Node]) -> dict[str, str]:
+def keyed_config(obj: Any, drop_inference: bool) -> Any:
+    """A config slice as plain data for the cache key: dataclass fields flagged
+    ``affects_result=False`` are left out, and ``inference_only`` ones when ``drop_inference``."""
+    if dataclasses.is_dataclass(obj):
+        return {f.name: keyed_config(getattr(obj, f.name), drop_inference) for f in dataclasses.fields(obj)
+                if f.metadata.get(AFFECTS_RESULT, True) and not (drop_inference and f.metadata.get(INFERENCE_ONLY))}
+    if isinstance(obj, (list, tuple)):
+        return [keyed_config(v, drop_inference) for v in obj]
+    return obj
+
+
+def cache_keys(cfg: PipelineConfig, dag: dict[str, Node], code_root: Path = ROOT) -> dict[str, str]:
+    """Every node's key; ``code_root``: the source tree whose modules are hashed (this checkout)."""
     keys: dict[str, str] = {}
-    code = {stage: code_hash(stage) for stage in {n.stage for n in dag.values()}}
+    code = {node.stage.name: code_digest(node.stage.module.__name__, code_root) for node in dag.values()}
     for node in dag.values():
+        stage = node.stage
         payload = {
-            "stage": node.stage,
+            "stage": stage.name,
             "variant": node.variant,
-            "config": config_slice(cfg, node),
+            "config": keyed_slice(cfg, node),
+            "external": stage.fingerprint(cfg) if stage.fingerprint else {},
             "inputs": {d: keys[d] for d in node.deps},
-            "code": code[node.stage],
+            "code": code[stage.name],
         }
-        blob = json.dumps(payload, sort_keys=True, default=list).encode()
+        blob = json.dumps(payload, sort_keys=True).encode()
         keys[node.id] = hashlib.sha256(blob).hexdigest()[:20]
     return keys
 
@@ -151,7 +141,7 @@ def make_plan(
         if node_id not in needed:
             continue
         node = dag[node_id]
-        manifest, why = store.check(node.stage, keys[node_id])
+        manifest, why = store.check(node.stage.name, keys[node_id])
         if node_id in redo:
             steps[node_id] = Step(node, keys[node_id], True, redo[node_id], None)
         elif manifest is None:
@@ -161,8 +151,3 @@ def make_plan(
         if steps[node_id].run:
             needed.update(node.deps)
     return [steps[n] for n in dag if n in steps]
-
-
-def _stat(path: Path) -> dict:
-    st = os.stat(path)
-    return {"path": str(path.resolve()), "bytes": st.st_size, "mtime_ns": st.st_mtime_ns}

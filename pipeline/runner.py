@@ -4,24 +4,23 @@ each with its MLflow run, its output committed to the store with the manifest wr
 
 from __future__ import annotations
 
+import logging
 import time
 import traceback
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 
-from pipeline import nodes
+import ray
+
 from pipeline.config import PipelineConfig, flatten
-from pipeline.dag import FORCED, RERUN, Step, config_slice
+from pipeline.dag import FORCED, RERUN, Step, config_slice, keyed_slice
+from pipeline.executor import RayExecutor, node_input, run_node, run_node_task
+from pipeline.stage_table import BY_NAME
 from pipeline.store import ArtifactStore
 from pipeline.tracking import Tracker
+from stages.io import json_safe
 
-KEY_METRICS = {
-    "data": ("num_train_images", "num_val_images"),
-    "train": ("loss", "train_seconds"),
-    "proposals": ("anchors_per_image", "seconds_per_image"),
-    "eval_proposals": ("AR_100", "AR_300", "AR_1000"),
-    "report": ("gap_AR_100", "gap_AR_1000"),
-}
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -37,8 +36,8 @@ class Outcome:
 
 
 def node_params(cfg: PipelineConfig, step: Step) -> dict:
-    """MLflow params of a node run: its config slice, flattened (``proposer.backbone``, ...)."""
-    return {"node": step.node.id, **flatten(config_slice(cfg, step.node))}
+    """MLflow params of a node run: its keyed config slice, flattened (``proposer.backbone``, ...)."""
+    return {"node": step.node.id, **flatten(keyed_slice(cfg, step.node))}
 
 
 def execute(
@@ -47,7 +46,7 @@ def execute(
     store: ArtifactStore,
     keys: dict[str, str],
     tracker: Tracker | None,
-    log=print,
+    verbose: bool = False,
 ) -> dict[str, Outcome]:
     """Run the plan; returns an Outcome per covered node (in plan order). After a failure no
     new node starts; the ones running finish."""
@@ -56,11 +55,11 @@ def execute(
     for step in plan:
         if not step.run:
             manifests[step.node.id] = step.manifest
-            outcomes[step.node.id] = Outcome(step.node.id, step.node.stage, step.key, True, 0.0,
+            outcomes[step.node.id] = Outcome(step.node.id, step.node.stage.name, step.key, True, 0.0,
                                              dict(step.manifest.get("metrics", {})), dict(step.manifest.get("outputs", {})))
             if tracker:
                 tracker.record_cache_hit(step.node.id, step.key, node_params(cfg, step), step.manifest)
-            log(f"= {step.node.id:<22} cached ({step.key[:12]})")
+            logger.info("= %-22s cached (%s)", step.node.id, step.key[:12])
     pending = [s for s in plan if s.run]
     running = {}
     failed = False
@@ -70,7 +69,7 @@ def execute(
             if not failed:
                 for step in [s for s in pending if all(d in manifests for d in s.node.deps)]:
                     pending.remove(step)
-                    running[pool.submit(_run_one, cfg, step, store, keys, manifests, tracker, log)] = step
+                    running[pool.submit(_run_one, cfg, step, store, keys, manifests, tracker, verbose)] = step
             if not running:
                 break  # a failure left the remaining nodes without inputs
             done, _ = wait(running, return_when=FIRST_COMPLETED)
@@ -83,50 +82,55 @@ def execute(
                 else:
                     manifests[step.node.id] = manifest
     except KeyboardInterrupt:
-        log(f"interrupted while running {', '.join(s.node.id for s in running.values())}: finished nodes are "
-            "kept, and the next run resumes training from its last checkpoint")
+        logger.warning("interrupted while running %s: finished nodes are kept, and the next run resumes training "
+                       "from its last checkpoint", ", ".join(s.node.id for s in running.values()))
         pool.shutdown(wait=False, cancel_futures=True)
         raise
     pool.shutdown()
     return {s.node.id: outcomes[s.node.id] for s in plan if s.node.id in outcomes}
 
 
-def _run_one(cfg, step: Step, store: ArtifactStore, keys, manifests, tracker, log) -> tuple[Outcome, dict | None]:
-    node = step.node
-    log(f"> {node.id:<22} running: {step.reason} (key {step.key[:12]})")
+def _run_one(cfg, step: Step, store: ArtifactStore, keys, manifests, tracker, verbose) -> tuple[Outcome, dict | None]:
+    node, stage = step.node, step.node.stage
+    logger.info("> %-22s running: %s (key %s)", node.id, step.reason, step.key[:12])
     started = time.perf_counter()
     run_id = tracker.start_node(node.id, step.key, node_params(cfg, step)) if tracker else None
     try:
-        out_dir = store.prepare(node.stage, step.key)
-        job = nodes.NodeJob(cfg, node, step.key, keys, {d: manifests[d] for d in node.deps}, store, out_dir,
-                            fresh=step.reason in (FORCED, RERUN),
-                            tracking_uri=tracker.uri if tracker else None, run_id=run_id)
-        result = nodes.RUNNERS[node.stage](job)
+        resources = stage.resources(cfg)
+        executor = RayExecutor(node.id, step.key, resources, store, log_every=cfg.train.log_every,
+                               tracking_uri=tracker.uri if tracker else None, run_id=run_id,
+                               fresh=step.reason in (FORCED, RERUN), verbose=verbose)
+        inputs = {d: node_input(store, d, keys[d], manifests[d]) for d in node.deps}
+        args = (stage.run, config_slice(cfg, node), inputs, stage.name, executor)
+        if resources.body == "task":
+            task = run_node_task.options(num_cpus=resources.num_cpus, num_gpus=resources.num_gpus)
+            result = ray.get(task.remote(*args))
+        else:
+            result = run_node(*args)
         seconds = time.perf_counter() - started
-        manifest = store.commit(node.stage, step.key, out_dir, {
+        manifest = store.commit(stage.name, step.key, {
             "variant": node.variant, "node": node.id, "metrics": result.metrics, "outputs": result.outputs,
-            "config": config_slice(cfg, node), "inputs": {d: keys[d] for d in node.deps},
+            "config": keyed_slice(cfg, node), "inputs": {d: keys[d] for d in node.deps},
             "run_id": run_id, "seconds": seconds,
         })
         if tracker:
             final = {k: v for k, v in result.metrics.items() if k not in result.logged}
-            tracker.finish_node(run_id, final, result.artifacts)
+            tracker.finish_node(run_id, final, [store.local_dir(stage.name, step.key) / a for a in result.artifacts])
     except Exception as e:  # reported per node; the CLI exits non-zero
         seconds = time.perf_counter() - started
         message = f"{type(e).__name__}: {e}".splitlines()[0]
-        log(f"! {node.id:<22} FAILED after {seconds:.1f}s: {message}")
-        log(traceback.format_exc())
+        logger.error("! %-22s FAILED after %.1fs: %s\n%s", node.id, seconds, message, traceback.format_exc())
         if tracker:
             tracker.finish_node(run_id, {}, ok=False)
-        return Outcome(node.id, node.stage, step.key, False, seconds, error=message), None
-    log(f"< {node.id:<22} done in {_duration(seconds)}")
-    return Outcome(node.id, node.stage, step.key, False, seconds, dict(result.metrics), dict(result.outputs)), manifest
+        return Outcome(node.id, stage.name, step.key, False, seconds, error=message), None
+    logger.info("< %-22s done in %s", node.id, _duration(seconds))
+    return Outcome(node.id, stage.name, step.key, False, seconds, dict(result.metrics), dict(result.outputs)), manifest
 
 
 def summary_table(outcomes: dict[str, Outcome]) -> str:
     rows = [("node", "cached", "duration", "key metrics")]
     for o in outcomes.values():
-        keys = KEY_METRICS.get(o.stage, ())
+        keys = BY_NAME[o.stage].key_metrics
         shown = ", ".join(f"{k}={_fmt(o.metrics[k])}" for k in keys if k in o.metrics)
         rows.append((o.node_id, "yes" if o.cached else "no", "-" if o.cached else _duration(o.seconds),
                      f"FAILED: {o.error}" if o.error else shown))
@@ -139,7 +143,7 @@ def summary_table(outcomes: dict[str, Outcome]) -> str:
 def summary_json(outcomes: dict[str, Outcome]) -> dict:
     out = {}
     for o in outcomes.values():
-        entry = {k: (v if isinstance(v, (int, float)) and v == v else None) for k, v in o.metrics.items()}
+        entry = json_safe(dict(o.metrics))
         entry["cached"] = o.cached
         if o.error:
             entry["error"] = o.error

@@ -14,6 +14,8 @@
 A node directory without a manifest is partial (its producer died) and is cleared before the
 node runs again; a manifest whose files do not match the listing (missing, wrong size, or,
 with ``verify``, wrong checksum) marks the node damaged, so it is rebuilt rather than used.
+The manifest is the one integrity layer: formats inside a node (e.g. the Parquet proposal
+cache) keep no checksums of their own.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ from pathlib import Path
 
 import pyarrow.fs as pafs
 
-from stages._io import atomic_write_bytes
+from stages.io import json_safe, write_json
 
 MANIFEST = "manifest.json"
 _CHUNK = 1 << 20
@@ -70,23 +72,19 @@ class ArtifactStore:
 
     def local_dir(self, stage: str, key: str) -> Path:
         """Where a consumer reads node files locally: the node directory itself for a local root,
-        else a verified download into the local cache."""
+        else a download into the local cache, each file's sha256 checked against the manifest."""
         if self.is_local:
             return Path(self.path(stage, key))
         dest = self._local_cache / stage / key
-        done = dest / MANIFEST
-        if not done.exists():
+        if not (dest / MANIFEST).exists():
             manifest = self.read_manifest(stage, key)
             if manifest is None:
                 raise StoreError(f"{self.uri(stage, key)}: no manifest, the node is not complete")
             dest.parent.mkdir(parents=True, exist_ok=True)
             tmp = Path(tempfile.mkdtemp(dir=dest.parent, prefix=f".{key}."))
             for entry in manifest["files"]:
-                target = tmp / entry["path"]
-                target.parent.mkdir(parents=True, exist_ok=True)
-                with self.fs.open_input_stream(self.path(stage, key, entry["path"])) as src, open(target, "wb") as dst:
-                    shutil.copyfileobj(src, dst, _CHUNK)
-            (tmp / MANIFEST).write_text(json.dumps(manifest))
+                self._download(self.path(stage, key, entry["path"]), tmp / entry["path"], entry)
+            write_json(tmp / MANIFEST, manifest)
             shutil.rmtree(dest, ignore_errors=True)
             os.replace(tmp, dest)
         return dest
@@ -130,7 +128,7 @@ class ArtifactStore:
 
     def prepare(self, stage: str, key: str) -> Path:
         """An empty local directory for the node's producer to write into: the node directory
-        itself for a local root, else a staging directory that ``commit`` uploads."""
+        itself for a local root, else a staging directory that ``upload`` copies to the store."""
         self.clear(stage, key)
         if self.is_local:
             path = Path(self.path(stage, key))
@@ -141,20 +139,25 @@ class ArtifactStore:
         staging.mkdir(parents=True)
         return staging
 
-    def commit(self, stage: str, key: str, staging: Path, record: dict) -> dict:
-        """Upload ``staging`` (remote root), then write the manifest listing every file of the
-        node directory with its size and sha256, plus ``record`` (metrics, outputs, config,
-        run_id, ...). Returns the manifest."""
-        if not self.is_local:
-            for path in sorted(p for p in staging.rglob("*") if p.is_file()):
-                rel = path.relative_to(staging).as_posix()
-                self.fs.create_dir(self.path(stage, key, *rel.split("/")[:-1]), recursive=True)
-                with open(path, "rb") as src, self.fs.open_output_stream(self.path(stage, key, rel)) as dst:
-                    shutil.copyfileobj(src, dst, _CHUNK)
+    def upload(self, stage: str, key: str, staging: Path) -> None:
+        """Copy what a producer wrote into ``staging`` (from ``prepare``) to the node directory
+        (nothing to do for a local root, where ``staging`` is the node directory)."""
+        if self.is_local:
+            return
+        for path in sorted(p for p in staging.rglob("*") if p.is_file()):
+            rel = path.relative_to(staging).as_posix()
+            self.fs.create_dir(self.path(stage, key, *rel.split("/")[:-1]), recursive=True)
+            with open(path, "rb") as src, self.fs.open_output_stream(self.path(stage, key, rel)) as dst:
+                shutil.copyfileobj(src, dst, _CHUNK)
+
+    def commit(self, stage: str, key: str, record: dict) -> dict:
+        """Write the manifest listing every file now in the node directory with its size and
+        sha256, plus ``record`` (metrics, outputs, config, run_id, ...): the node is complete.
+        Returns the manifest."""
         files = [{"path": rel, "bytes": size, "sha256": self._sha256(self.path(stage, key, rel))}
                  for rel, size in sorted(self._listing(stage, key).items())]
-        manifest = {"stage": stage, "key": key, "files": files, "created": time.time(), **record}
-        self._write_manifest(stage, key, json.dumps(_json_safe(manifest), indent=1).encode())
+        manifest = json_safe({"stage": stage, "key": key, "files": files, "created": time.time(), **record})
+        write_json(self.path(stage, key, MANIFEST), manifest, indent=1, filesystem=self.fs)  # atomic, written last
         return manifest
 
     # ---- internals -------------------------------------------------------------------------
@@ -181,21 +184,15 @@ class ArtifactStore:
                 digest.update(chunk)
         return digest.hexdigest()
 
-    def _write_manifest(self, stage: str, key: str, data: bytes) -> None:
-        final = self.path(stage, key, MANIFEST)
-        if self.is_local:
-            atomic_write_bytes(final, data)
-        else:  # an object store's PUT is atomic: the manifest appears whole or not at all
-            with self.fs.open_output_stream(final) as f:
-                f.write(data)
-
-
-def _json_safe(obj):
-    """NaN/inf -> None (JSON has no NaN), recursively."""
-    if isinstance(obj, float):
-        return obj if obj == obj and obj not in (float("inf"), float("-inf")) else None
-    if isinstance(obj, dict):
-        return {k: _json_safe(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_json_safe(v) for v in obj]
-    return obj
+    def _download(self, src: str, dest: Path, entry: dict) -> None:
+        """Copy one node file to ``dest``, checking its size and sha256 against the manifest entry."""
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        digest, size = hashlib.sha256(), 0
+        with self.fs.open_input_stream(src) as f, open(dest, "wb") as out:
+            while chunk := f.read(_CHUNK):
+                digest.update(chunk)
+                size += len(chunk)
+                out.write(chunk)
+        if size != entry["bytes"] or digest.hexdigest() != entry["sha256"]:
+            raise StoreError(f"{self.root}/{src.removeprefix(self._base + '/')}: downloaded {size} bytes with sha256 "
+                             f"{digest.hexdigest()[:12]}..., the manifest says {entry['bytes']} bytes, {entry['sha256'][:12]}...")

@@ -47,7 +47,10 @@ def check_reachable(uri: str, timeout: float = 3.0) -> None:
         raise TrackingError(f"MLflow tracking URI {uri}: unsupported scheme {parsed.scheme!r}")
 
 
-def git_sha(repo: Path = Path(__file__).resolve().parents[1]) -> str | None:
+REPO = Path(__file__).resolve().parents[1]
+
+
+def git_sha(repo: Path = REPO) -> str | None:
     try:
         out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True, text=True, timeout=5)
     except (OSError, subprocess.TimeoutExpired):

@@ -1,19 +1,22 @@
 """Data stage: generate the synthetic dataset, or validate a COCO-format one given by config.
 
-Output (``prepare``): a dict naming the train and val splits' annotation file and image
-root. For the synthetic dataset these are relative to ``out_dir`` (the files live there);
-for a COCO dataset they are the configured absolute paths (nothing is copied).
+Outputs: ``splits`` naming each split's annotation file and image root. For the synthetic
+dataset these are relative to the node directory (the files live there); for a COCO dataset
+they are the configured absolute paths (nothing is copied). The images stay at their original
+size: the models' transforms resize them.
 """
 
 from __future__ import annotations
 
 import os
 import warnings
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
 from stages import synthetic
-from stages.datasets import CocoDetection, DatasetWarning
+from stages.coco import DatasetWarning, load_coco, validate_coco
+from stages.contract import Executor, Input, Output, StageResult
 
 SPLITS = ("train", "val")
 _COCO_FIELDS = ("train_ann", "train_images", "val_ann", "val_images")
@@ -21,13 +24,12 @@ _COCO_FIELDS = ("train_ann", "train_images", "val_ann", "val_images")
 
 @dataclass(frozen=True)
 class DataConfig:
-    """Which dataset and at which size images enter the models.
+    """Which dataset.
 
     Either ``synthetic`` names a size of ``stages.synthetic.SIZES`` (``num_train``/``num_val``/
     ``image_size`` override that size's numbers when set), or ``synthetic`` is None and the four
-    COCO paths are set (relative paths are taken relative to ``root``). ``min_size``/``max_size``:
-    images are resized keeping aspect ratio so the shorter side is ``min_size`` and the longer
-    at most ``max_size`` (the paper: 800/1333).
+    COCO paths are set (relative paths are taken relative to ``root``). The size at which images
+    enter a model is the model's setting (``proposer.min_size``/``max_size``), not the data's.
     """
 
     synthetic: str | None = "default"
@@ -40,8 +42,6 @@ class DataConfig:
     train_images: str | None = None
     val_ann: str | None = None
     val_images: str | None = None
-    min_size: int = 256
-    max_size: int = 256
 
     def __post_init__(self) -> None:
         if self.synthetic is not None:
@@ -63,9 +63,6 @@ class DataConfig:
             raise ValueError(f"data.image_size must be >= 32, got {self.image_size}")
         if self.seed < 0:
             raise ValueError(f"data.seed must be >= 0, got {self.seed}")
-        if not 0 < self.min_size <= self.max_size:
-            raise ValueError(f"data.min_size/max_size: need 0 < min_size <= max_size, "
-                             f"got {self.min_size}, {self.max_size}")
 
     def synthetic_sizes(self) -> dict[str, int]:
         """``{"num_train", "num_val", "image_size"}`` of the synthetic dataset (overrides applied)."""
@@ -90,21 +87,35 @@ def check_paths(cfg: DataConfig) -> None:
             raise FileNotFoundError(f"data.{field}: {path} does not exist")
 
 
-def prepare(cfg: DataConfig, out_dir: str | os.PathLike) -> tuple[dict, dict[str, float]]:
+def fingerprint(cfg: DataConfig) -> dict:
+    """What the data node's output depends on besides ``cfg``: the COCO annotation files'
+    path, size and modification time (so an edited file re-keys the node). Empty for the
+    synthetic dataset, which ``cfg`` defines completely."""
+    if cfg.synthetic is not None:
+        return {}
+    out = {}
+    for name in ("train_ann", "val_ann"):
+        path = cfg.coco_path(name)
+        st = os.stat(path)
+        out[name] = {"path": str(path.resolve()), "bytes": st.st_size, "mtime_ns": st.st_mtime_ns}
+    return out
+
+
+def run(cfg: DataConfig, inputs: Mapping[str, Input], out: Output, executor: Executor) -> StageResult:
     """Generate (synthetic) or validate (COCO) both splits.
 
-    Returns ``(splits, metrics)``: ``splits = {"train": {"ann_file", "image_root"}, "val": {...}}``
-    (strings; relative to ``out_dir`` for the synthetic dataset, absolute for COCO) and
-    ``metrics = {"num_train_images", "num_val_images", "num_train_skipped_boxes", "num_val_skipped_boxes"}``.
-    Raises ``stages.datasets.DatasetError`` naming the file and id of a broken annotation.
+    Outputs ``{"splits": {"train": {"ann_file", "image_root"}, "val": {...}}}`` (strings; relative
+    to the node directory for the synthetic dataset, absolute for COCO). Metrics per split:
+    ``num_<split>_images``, ``num_<split>_skipped_boxes``, ``num_<split>_clipped_boxes``,
+    ``num_<split>_areas_filled`` (missing ``area`` fields computed from the box). Raises
+    ``stages.coco.DatasetError`` naming the file and id of a broken annotation.
     """
-    out_dir = Path(out_dir)
     if cfg.synthetic is not None:
         sizes = cfg.synthetic_sizes()
         splits = {}
         for offset, split in enumerate(SPLITS):
             # distinct seeds: a synthetic set with one seed is a prefix of a larger one
-            synthetic.generate(out_dir / split, sizes[f"num_{split}"], sizes["image_size"], cfg.seed * 2 + offset)
+            synthetic.generate(out.dir / split, sizes[f"num_{split}"], sizes["image_size"], cfg.seed * 2 + offset)
             splits[split] = {"ann_file": f"{split}/annotations.json", "image_root": f"{split}/images"}
     else:
         check_paths(cfg)
@@ -113,15 +124,11 @@ def prepare(cfg: DataConfig, out_dir: str | os.PathLike) -> tuple[dict, dict[str
                   for split in SPLITS}
     metrics: dict[str, float] = {}
     for split in SPLITS:
-        paths = resolve(splits[split], out_dir)
         with warnings.catch_warnings():
             warnings.simplefilter("always", DatasetWarning)
-            ds = CocoDetection(paths["ann_file"], paths["image_root"], min_size=cfg.min_size, max_size=cfg.max_size)
-        metrics[f"num_{split}_images"] = float(len(ds))
-        metrics[f"num_{split}_skipped_boxes"] = float(ds.num_skipped)
-    return splits, metrics
-
-
-def resolve(split: dict, out_dir: str | os.PathLike) -> dict[str, Path]:
-    """A split entry of ``prepare``'s output with paths made absolute against ``out_dir``."""
-    return {k: Path(out_dir, v) for k, v in split.items()}
+            checked = validate_coco(load_coco(out.dir / splits[split]["ann_file"]), out.dir / splits[split]["image_root"])
+        metrics[f"num_{split}_images"] = float(len(checked.records))
+        metrics[f"num_{split}_skipped_boxes"] = float(checked.num_skipped)
+        metrics[f"num_{split}_clipped_boxes"] = float(checked.num_clipped)
+        metrics[f"num_{split}_areas_filled"] = float(checked.num_areas_filled)
+    return StageResult(metrics, {"splits": splits})

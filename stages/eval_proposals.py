@@ -1,24 +1,44 @@
 """Evaluate-proposals stage: COCO average recall of a proposal cache (paper Table 1) and the
-recall curves of the paper's Fig. 3, as JSON and two PNG plots."""
+recall curves of the paper's Fig. 3, as JSON and two PNG plots (matplotlib's object-oriented
+API: no pyplot state, so it is safe in any thread)."""
 
 from __future__ import annotations
 
 import io
+import json
 import os
 import statistics
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
-import matplotlib
+from matplotlib.figure import Figure
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-
-from stages._io import atomic_write_bytes, atomic_write_json  # noqa: E402
-from stages.metrics import anchors_per_image, evaluate_proposals, load_ground_truth, recall_curves  # noqa: E402
-from stages.proposal_cache import ProposalCache  # noqa: E402
+from stages.contract import Executor, Input, Output, StageResult, only
+from stages.io import atomic_write, write_json
+from stages.metrics import anchors_per_image, evaluate_proposals, load_ground_truth, recall_curves
+from stages.proposal_cache import ProposalCache
 
 PLOTS = ("recall_vs_proposals.png", "recall_vs_iou.png")
+VARIANT_LABELS = {"rpn": "RPN", "ga_rpn": "GA-RPN"}
+
+
+@dataclass(frozen=True)
+class EvalProposalsConfig:
+    """``label``: the model's name in plot titles."""
+
+    label: str
+
+
+def run(cfg: EvalProposalsConfig, inputs: Mapping[str, Input], out: Output, executor: Executor) -> StageResult:
+    """Evaluate the proposals node's cache against the data node's val annotations; writes
+    ``metrics.json``, ``curves.json`` and the plots of ``PLOTS``."""
+    data, proposals = only(inputs, "data"), only(inputs, "proposals")
+    prop_dir = proposals.local_dir()
+    stats = json.loads((prop_dir / proposals.outputs["stats"]).read_text())
+    ann_file = data.local_dir() / data.outputs["splits"]["val"]["ann_file"]
+    metrics = evaluate(ann_file, prop_dir / proposals.outputs["cache"], out.dir, stats["num_anchors"], stats["seconds"], cfg.label)
+    return StageResult(metrics, {"plots": list(PLOTS)}, (*PLOTS, "metrics.json"))
 
 
 def evaluate(
@@ -38,15 +58,14 @@ def evaluate(
     """
     out_dir = Path(out_dir)
     cache = ProposalCache(cache_root)
-    cache.verify()
     proposals = {i: (boxes, scores) for i, (boxes, scores, _) in cache.read_all().items()}
     gt = load_ground_truth(ann_file)
     metrics = evaluate_proposals(gt, proposals)
     metrics.update(anchors_per_image(num_anchors))
     metrics["seconds_per_image"] = statistics.fmean(seconds) if seconds else float("nan")
     curves = recall_curves(gt, proposals)
-    atomic_write_json(out_dir / "metrics.json", _json_safe(metrics))
-    atomic_write_json(out_dir / "curves.json", _json_safe(curves))
+    write_json(out_dir / "metrics.json", metrics)
+    write_json(out_dir / "curves.json", curves)
     plot_curves(curves, out_dir, label)
     return metrics
 
@@ -54,7 +73,8 @@ def evaluate(
 def plot_curves(curves: Mapping, out_dir: str | os.PathLike, label: str) -> None:
     """Write ``recall_vs_proposals.png`` and ``recall_vs_iou.png`` from ``recall_curves`` data."""
     out_dir = Path(out_dir)
-    fig, ax = plt.subplots(figsize=(5, 4))
+    fig = Figure(figsize=(5, 4))
+    ax = fig.subplots()
     for iou, values in curves["recall_vs_proposals"].items():
         ax.plot(curves["num_proposals"], values, marker="o", label=f"IoU {iou}")
     ax.set(xscale="log", xlabel="number of proposals", ylabel="recall", ylim=(0, 1), title=f"{label}: recall vs #proposals")
@@ -62,7 +82,8 @@ def plot_curves(curves: Mapping, out_dir: str | os.PathLike, label: str) -> None
     ax.legend()
     _save(fig, out_dir / PLOTS[0])
 
-    fig, ax = plt.subplots(figsize=(5, 4))
+    fig = Figure(figsize=(5, 4))
+    ax = fig.subplots()
     for n, values in curves["recall_vs_iou"].items():
         ax.plot(curves["iou_thresholds"], values, marker="o", label=f"{n} proposals")
     ax.set(xlabel="IoU threshold", ylabel="recall", ylim=(0, 1), title=f"{label}: recall vs IoU")
@@ -71,20 +92,8 @@ def plot_curves(curves: Mapping, out_dir: str | os.PathLike, label: str) -> None
     _save(fig, out_dir / PLOTS[1])
 
 
-def _save(fig, path: Path) -> None:
+def _save(fig: Figure, path: Path) -> None:
     buf = io.BytesIO()
     fig.tight_layout()
     fig.savefig(buf, format="png", dpi=100)
-    plt.close(fig)
-    atomic_write_bytes(path, buf.getvalue())
-
-
-def _json_safe(obj):
-    """NaN -> None (JSON has no NaN), recursively."""
-    if isinstance(obj, float):
-        return None if obj != obj else obj
-    if isinstance(obj, Mapping):
-        return {k: _json_safe(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_json_safe(v) for v in obj]
-    return obj
+    atomic_write(path, buf.getvalue())

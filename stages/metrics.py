@@ -2,7 +2,8 @@
 
 Shape shorthand: K proposals/detections of one image; T = 10 IoU thresholds (0.50:0.05:0.95);
 A area ranges (all, small < 32^2, medium 32^2..96^2, large > 96^2, pycocotools' defaults,
-measured on the ground truth's ``area`` field); M = number of ``maxDets`` settings.
+measured on the ground truth's ``area`` field, ``w * h`` of its bbox where the file has none);
+M = number of ``maxDets`` settings.
 
 Inputs map image id -> arrays in the image's *original* pixels:
 
@@ -15,15 +16,13 @@ An image of the evaluated subset without an entry has no proposals: its objects 
 missed. A metric with no ground truth to measure (e.g. ``AR_L`` on a subset without large
 objects) is ``nan``, where pycocotools writes -1.
 
-``ann_file`` is a path to a COCO annotation JSON or an already loaded ``pycocotools.coco.COCO``
-(pass the object to evaluate several times without re-reading the file).
+``ann_file`` is a path to a COCO annotation JSON, read and checked by ``stages.coco.load_coco`` (the
+reader ``stages.datasets`` uses too), or the ``COCO`` it returned (pass the object to evaluate several
+times without re-reading the file).
 """
 
 from __future__ import annotations
 
-import contextlib
-import io
-import json
 import math
 import os
 import statistics
@@ -32,6 +31,8 @@ from collections.abc import Iterable, Mapping, Sequence
 import numpy as np
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
+
+from stages.coco import load_coco, quiet
 
 IOU_THRESHOLDS: tuple[float, ...] = tuple(np.round(np.linspace(0.5, 0.95, 10), 2).tolist())
 PROPOSAL_MAX_DETS: tuple[int, ...] = (100, 300, 1000)
@@ -47,28 +48,10 @@ DETECTION_STATS: tuple[str, ...] = ("AP", "AP50", "AP75", "AP_S", "AP_M", "AP_L"
 
 
 def load_ground_truth(ann_file: str | os.PathLike | COCO) -> COCO:
-    """Load a COCO annotation file quietly (or return a given ``COCO`` unchanged).
-
-    Raises ``FileNotFoundError`` for a missing file and ``ValueError`` naming the file (and the
-    annotation id) for malformed JSON or an annotation without ``bbox``/``area``/``iscrowd``.
-    """
-    if isinstance(ann_file, COCO):
-        gt = ann_file
-        source = "annotations"
-    else:
-        source = os.fspath(ann_file)
-        if not os.path.isfile(source):
-            raise FileNotFoundError(f"annotation file not found: {source}")
-        try:
-            with _quiet():
-                gt = COCO(source)
-        except (json.JSONDecodeError, UnicodeDecodeError, AssertionError, KeyError, TypeError) as e:
-            raise ValueError(f"{source}: not a valid COCO annotation file ({type(e).__name__}: {e})") from e
-    for ann in gt.dataset.get("annotations", []):
-        missing = [k for k in ("bbox", "area", "iscrowd") if k not in ann]
-        if missing:
-            raise ValueError(f"{source}: annotation id {ann.get('id')} lacks field(s) {', '.join(missing)}")
-    return gt
+    """The ground truth through ``stages.coco.load_coco``, the reader the dataset uses too: a missing
+    ``area`` is ``w * h`` of the bbox, a missing ``iscrowd`` is 0; a given ``COCO`` is returned
+    unchanged. Raises ``stages.coco.DatasetError`` (a ``ValueError``) naming the file and id."""
+    return load_coco(ann_file)
 
 
 def evaluate_proposals(
@@ -160,7 +143,7 @@ def evaluate_detections(
             anns.extend(_to_results(img_id, boxes, scores, labels))
     ev = COCOeval(gt, _results_coco(gt, anns), iouType="bbox")
     ev.params.imgIds = ids
-    with _quiet():
+    with quiet():
         ev.evaluate()
         ev.accumulate()
         ev.summarize()
@@ -187,13 +170,6 @@ def anchors_per_image(counts: Sequence[int]) -> dict[str, float]:
 
 
 # ---------------------------------------------------------------------------------------------
-
-
-@contextlib.contextmanager
-def _quiet():
-    """Swallow pycocotools' progress prints."""
-    with contextlib.redirect_stdout(io.StringIO()):
-        yield
 
 
 def _image_subset(gt: COCO, image_ids: Iterable[int] | None) -> list[int]:
@@ -268,7 +244,7 @@ def _results_coco(gt: COCO, anns: list[dict]) -> COCO:
         ann["id"] = i
     res = COCO()
     res.dataset = {"images": gt.dataset["images"], "categories": gt.dataset.get("categories", []), "annotations": anns}
-    with _quiet():
+    with quiet():
         res.createIndex()
     return res
 
@@ -299,7 +275,7 @@ def _proposal_recall(
     p.areaRng = [list(a) for a in area_ranges]
     p.areaRngLbl = [str(i) for i in range(len(area_ranges))]
     p.iouThrs = np.array(IOU_THRESHOLDS)
-    with _quiet():
+    with quiet():
         ev.evaluate()
         ev.accumulate()
     return ev.eval["recall"][:, 0, :, :]  # [T, K=1, A, M] -> [T, A, M]

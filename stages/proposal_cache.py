@@ -2,10 +2,7 @@
 
 Layout under ``root`` (a local path or a URI that ``pyarrow.fs.FileSystem.from_uri`` accepts)::
 
-    shards/<shard_id>.parquet   one per write_shard() call, committed by atomic rename
-    shards/<shard_id>.json      its sidecar (rows, bytes, sha256, image ids), committed after it
-    manifest.json               written last, atomically, by finalize(): without it the cache
-                                is incomplete and every read fails
+    <shard_id>.parquet   one per write_shard() call, committed atomically (``stages.io.atomic_write``)
 
 Parquet schema, one row per image (K = proposals of that image, may be 0)::
 
@@ -20,48 +17,42 @@ about 16 bytes per proposal for float32 boxes + score + level) and row groups of
 ``rows_per_group`` images, so one image is read by decoding one small row group. The Parquet
 schema metadata key ``ga_proposal_cache`` holds ``{"schema_version": 1, "metadata": {...}}``,
 where ``metadata`` is the producer's ``str -> str`` mapping (by convention ``model_key``,
-``image_size`` (the pixel convention of the boxes) and ``config_hash``).
+``image_size`` (the pixel convention of the boxes) and ``config_hash``). JSON and Parquet only:
+nothing is pickled.
 
-``manifest.json``::
+Integrity: completeness and checksums are the artifact store's job. The cache lives inside a
+store node whose manifest, listing every shard with its size and sha256, is written only after
+every shard is done, so a consumer of a complete node sees a complete, intact cache. What a
+reader still checks on its first read, raising ``ProposalCacheError`` naming the file: that
+there is at least one shard, that every shard is readable Parquet with the schema and schema
+version above, that every shard carries the same metadata (the one passed to the constructor,
+if any), and that no image id is in two shards. The id -> (shard, row) index is built then from
+each shard's footer and ``image_id`` column alone.
 
-    {"format": "ga_proposal_cache", "schema_version": 1, "metadata": {...},
-     "num_images": N, "num_proposals": P,
-     "shards": [{"shard": id, "file": "shards/<id>.parquet", "rows": n, "proposals": p,
-                 "bytes": b, "sha256": hex, "rows_per_group": g, "image_ids": [...]}, ...]}
-
-Integrity: opening the cache checks that the shards on disk are exactly those of the manifest,
-with the listed sizes; the first read of a shard (and ``verify()``) checks its sha256. Every
-failure is a ``ProposalCacheError`` naming the shard, the manifest or the image id. JSON and
-Parquet only: nothing is pickled.
-
-Concurrency: distinct shard ids may be written by several processes at once (unique temporary
-names, atomic rename; on object stores the manifest alone is the commit point). Writing a shard
-id again replaces it. ``finalize()`` runs once, after every writer is done. An instance is not
-thread-safe: use one per thread or process.
+Concurrency: distinct shard ids may be written by several processes at once; a temporary file
+a crashed writer left behind starts with a dot and is ignored. Writing a shard id again replaces
+it. An instance is not thread-safe: use one per thread or process.
 """
 
 from __future__ import annotations
 
-import hashlib
+import contextlib
 import json
 import os
 import re
-import uuid
 from collections.abc import Iterable, Mapping
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
+from stages.io import atomic_write
+
 SCHEMA_VERSION = 1
-FORMAT_NAME = "ga_proposal_cache"
 METADATA_KEY = b"ga_proposal_cache"
 ROWS_PER_GROUP = 16
-MANIFEST = "manifest.json"
-SHARDS_DIR = "shards"
-TMP_PREFIX = ".tmp-"
+SHARD_SUFFIX = ".parquet"
 
 SCHEMA = pa.schema(
     [
@@ -83,15 +74,16 @@ Proposals = tuple[np.ndarray, np.ndarray, np.ndarray]  # boxes float32[K, 4], sc
 
 
 class ProposalCacheError(ValueError):
-    """A proposal cache is incomplete, inconsistent or damaged, or was given bad input."""
+    """A proposal cache is missing, unreadable or inconsistent, or was given bad input."""
 
 
 class ProposalCache:
     """A sharded Parquet proposal cache rooted at ``root`` (see the module docstring).
 
     ``metadata`` (``str -> str``) is stamped into every shard a writer writes; a reader that
-    passes it gets an error if the cache was produced with different metadata. ``filesystem``
+    passes it gets an error if a shard was produced with different metadata. ``filesystem``
     overrides the one inferred from ``root`` (``root`` is then a path inside it).
+    ``rows_per_group`` applies to writing; a reader takes the row groups from each file.
     """
 
     def __init__(
@@ -107,9 +99,9 @@ class ProposalCache:
         if rows_per_group < 1:
             raise ProposalCacheError(f"rows_per_group must be >= 1, got {rows_per_group}")
         self._rows_per_group = int(rows_per_group)
-        self._manifest: dict | None = None
-        self._index: dict[int, tuple[int, int]] = {}  # image id -> (shard position, row)
-        self._open: dict[int, pq.ParquetFile] = {}  # shard position -> checksum-verified file
+        self._shards: list[tuple[str, pq.ParquetFile]] | None = None  # (path, open file), on first read
+        self._shard_metadata: dict[str, str] = {}  # the metadata every shard carries
+        self._index: dict[int, tuple[int, int, int]] = {}  # image id -> (shard position, row group, row in it)
 
     @property
     def root(self) -> str:
@@ -117,19 +109,16 @@ class ProposalCache:
 
     @property
     def metadata(self) -> dict[str, str]:
-        """The manifest's metadata when finalized, else the metadata given to the constructor."""
-        if self.is_complete():
-            return dict(self._load()["metadata"])
-        return dict(self._metadata or {})
-
-    def is_complete(self) -> bool:
-        """True when ``finalize()`` has written the manifest."""
-        return self._fs.get_file_info(self._path(MANIFEST)).type == pafs.FileType.File
+        """The metadata given to the constructor, else the one the shards carry (read on first use)."""
+        if self._metadata is not None:
+            return dict(self._metadata)
+        self._load()
+        return dict(self._shard_metadata)
 
     # ---- writing ---------------------------------------------------------------------------
 
     def write_shard(self, shard_id: str, items: Iterable[tuple[int, np.ndarray, np.ndarray, np.ndarray]]) -> None:
-        """Write one shard atomically.
+        """Write ``<root>/<shard_id>.parquet`` atomically, streamed into the cache's filesystem.
 
         ``items``: ``(image_id, boxes [K, 4] float, scores [K] float, levels [K] int)`` per image;
         K may be 0; float arrays are stored as float32. Raises ``ProposalCacheError`` naming the
@@ -137,78 +126,22 @@ class ProposalCache:
         """
         if not isinstance(shard_id, str) or not _SHARD_ID.fullmatch(shard_id):
             raise ProposalCacheError(f"invalid shard id {shard_id!r}: use letters, digits, '_', '-', '.' (max 128)")
-        if self.is_complete():
-            raise ProposalCacheError(f"{self._path(MANIFEST)}: cache is already finalized; write a new cache instead")
         table = _to_table(shard_id, items, self._metadata or {})
-        sink = pa.BufferOutputStream()
-        pq.write_table(table, sink, row_group_size=self._rows_per_group, **_PARQUET_OPTIONS)
-        data = sink.getvalue()  # pa.Buffer
-        sidecar = {
-            "format": FORMAT_NAME,
-            "schema_version": SCHEMA_VERSION,
-            "shard": shard_id,
-            "file": f"{SHARDS_DIR}/{shard_id}.parquet",
-            "rows": table.num_rows,
-            "proposals": len(pc.list_flatten(table.column("scores"))),
-            "bytes": data.size,
-            "sha256": hashlib.sha256(data).hexdigest(),
-            "rows_per_group": self._rows_per_group,
-            "metadata": self._metadata or {},
-            "image_ids": table.column("image_id").to_pylist(),
-        }
-        self._fs.create_dir(self._path(SHARDS_DIR), recursive=True)
-        self._atomic_write(sidecar["file"], data)
-        self._atomic_write(f"{SHARDS_DIR}/{shard_id}.json", _json_bytes(sidecar))
-
-    def finalize(self) -> None:
-        """Collect the shards' sidecars into ``manifest.json``, written last and atomically.
-
-        Fails, naming the shard, when a shard has no sidecar (still being written, or its writer
-        crashed) or vice versa, a shard's size differs from its sidecar, shards disagree on
-        metadata, or an image id appears in two shards.
-        """
-        parquet, sidecars = self._list_shard_dir()
-        entries, owner = [], {}
-        metadata = self._metadata
-        for shard_id in sorted(set(parquet) | set(sidecars)):
-            where = self._path(f"{SHARDS_DIR}/{shard_id}.parquet")
-            if shard_id not in sidecars:
-                raise ProposalCacheError(f"{where}: shard has no sidecar .json (still being written, or its writer crashed)")
-            if shard_id not in parquet:
-                raise ProposalCacheError(f"{where}: shard file is missing but its sidecar exists")
-            side = self._read_json(f"{SHARDS_DIR}/{shard_id}.json")
-            if side.get("format") != FORMAT_NAME or side.get("schema_version") != SCHEMA_VERSION:
-                raise ProposalCacheError(f"{where}: sidecar has format/schema version {side.get('format')}/{side.get('schema_version')}")
-            if parquet[shard_id] != side["bytes"]:
-                raise ProposalCacheError(f"{where}: shard is {parquet[shard_id]} bytes but its sidecar says {side['bytes']}")
-            if metadata is None:
-                metadata = side["metadata"]
-            elif side["metadata"] != metadata:
-                raise ProposalCacheError(f"{where}: shard metadata {side['metadata']} differs from {metadata}")
-            for image_id in side["image_ids"]:
-                if image_id in owner:
-                    raise ProposalCacheError(f"image id {image_id} is in shards {owner[image_id]!r} and {shard_id!r}")
-                owner[image_id] = shard_id
-            entries.append({k: side[k] for k in ("shard", "file", "rows", "proposals", "bytes", "sha256", "rows_per_group", "image_ids")})
-        manifest = {
-            "format": FORMAT_NAME,
-            "schema_version": SCHEMA_VERSION,
-            "metadata": metadata or {},
-            "num_images": len(owner),
-            "num_proposals": sum(e["proposals"] for e in entries),
-            "shards": entries,
-        }
-        self._atomic_write(MANIFEST, _json_bytes(manifest))
-        self._manifest = None  # re-read (and re-check) on the next access
+        path = f"{self._root}/{shard_id}{SHARD_SUFFIX}"
+        atomic_write(path, lambda f: pq.write_table(table, f, row_group_size=self._rows_per_group, **_PARQUET_OPTIONS),
+                     filesystem=self._fs)
+        self._shards = None  # the next read lists the shards again
 
     # ---- reading ---------------------------------------------------------------------------
 
     def image_ids(self) -> list[int]:
-        """Every cached image id, in shard order."""
-        return [i for shard in self._load()["shards"] for i in shard["image_ids"]]
+        """Every cached image id, in shard id order, then row order."""
+        self._load()
+        return list(self._index)
 
     def __len__(self) -> int:
-        return self._load()["num_images"]
+        self._load()
+        return len(self._index)
 
     def __contains__(self, image_id: int) -> bool:
         self._load()
@@ -216,22 +149,23 @@ class ProposalCache:
 
     def get(self, image_id: int) -> Proposals:
         """Proposals of one image: ``(boxes float32[K, 4], scores float32[K], levels int64[K])``."""
-        self._load()
+        shards = self._load()
         try:
-            pos, row = self._index[int(image_id)]
+            pos, group, row = self._index[int(image_id)]
         except KeyError:
             raise ProposalCacheError(f"image id {image_id} is not in the proposal cache at {self._root}") from None
-        shard = self._manifest["shards"][pos]
-        group = self._shard(pos).read_row_group(row // shard["rows_per_group"], use_threads=False)
-        r = row % shard["rows_per_group"]
-        boxes, scores, levels = (_list_row(group.column(name), r) for name in ("boxes", "scores", "levels"))
+        path, pf = shards[pos]
+        with _naming(path):
+            table = pf.read_row_group(group, use_threads=False)
+        boxes, scores, levels = (_list_row(table.column(name), row) for name in ("boxes", "scores", "levels"))
         return boxes.reshape(-1, 4), scores, levels.astype(np.int64)
 
     def read_all(self) -> dict[int, Proposals]:
         """Every image's proposals, ``{image_id: (boxes [K, 4], scores [K], levels [K])}``."""
         out = {}
-        for pos in range(len(self._load()["shards"])):
-            table = self._shard(pos).read()
+        for path, pf in self._load():
+            with _naming(path):
+                table = pf.read()
             ids = table.column("image_id").to_numpy()
             boxes = _split(table.column("boxes"))
             scores = _split(table.column("scores"))
@@ -240,114 +174,81 @@ class ProposalCache:
                 out[image_id] = (boxes[i].reshape(-1, 4), scores[i], levels[i])
         return out
 
-    def verify(self) -> None:
-        """Re-check everything: shard set and sizes, sha256 of every shard, and each shard's
-        schema, metadata, row count and image ids against the manifest."""
-        self._manifest = None
-        self._open.clear()
-        manifest = self._load()
-        for pos, shard in enumerate(manifest["shards"]):
-            where = self._path(shard["file"])
-            pf = self._shard(pos)
-            if not pf.schema_arrow.equals(SCHEMA):
-                raise ProposalCacheError(f"{where}: schema {pf.schema_arrow} is not the proposal cache schema")
-            stamp = json.loads((pf.schema_arrow.metadata or {}).get(METADATA_KEY, b"{}"))
-            if stamp.get("metadata") != manifest["metadata"]:
-                raise ProposalCacheError(f"{where}: shard metadata {stamp.get('metadata')} differs from the manifest's")
-            ids = pf.read(columns=["image_id"]).column("image_id").to_pylist()
-            if ids != shard["image_ids"]:
-                raise ProposalCacheError(f"{where}: image ids differ from the manifest's")
-
     # ---- internals -------------------------------------------------------------------------
 
-    def _path(self, rel: str) -> str:
-        return f"{self._root}/{rel}"
+    def _load(self) -> list[tuple[str, pq.ParquetFile]]:
+        """Open every shard once, check it (module docstring) and build the image id index."""
+        if self._shards is not None:
+            return self._shards
+        paths = self._shard_paths()
+        if not paths:
+            raise ProposalCacheError(f"no proposal cache shards (*{SHARD_SUFFIX}) under {self._root}")
+        shards, index = [], {}
+        expected, source = self._metadata, "the expected metadata"
+        for pos, path in enumerate(paths):
+            pf = self._open(path)
+            metadata = _stamped_metadata(path, pf)
+            if expected is None:
+                expected, source = metadata, path
+            elif metadata != expected:
+                raise ProposalCacheError(f"{path}: shard metadata {metadata} differs from {expected} ({source})")
+            for image_id, (group, row) in zip(*_row_locations(path, pf)):
+                other = index.setdefault(image_id, (pos, group, row))
+                if other != (pos, group, row):
+                    raise ProposalCacheError(f"image id {image_id} is in two shards: {paths[other[0]]} and {path}")
+            shards.append((path, pf))
+        self._shards, self._index, self._shard_metadata = shards, index, expected
+        return shards
 
-    def _load(self) -> dict:
-        """Read and check the manifest once: shard files on disk == manifest shards, sizes match."""
-        if self._manifest is not None:
-            return self._manifest
-        if not self.is_complete():
-            raise ProposalCacheError(f"incomplete proposal cache at {self._root}: no {MANIFEST} (finalize() was not run)")
-        manifest = self._read_json(MANIFEST)
-        where = self._path(MANIFEST)
-        if manifest.get("format") != FORMAT_NAME or manifest.get("schema_version") != SCHEMA_VERSION:
-            raise ProposalCacheError(f"{where}: not a {FORMAT_NAME} manifest of schema version {SCHEMA_VERSION}")
-        if self._metadata is not None and manifest["metadata"] != self._metadata:
-            raise ProposalCacheError(f"{where}: cache metadata {manifest['metadata']} differs from the expected {self._metadata}")
-        on_disk, _ = self._list_shard_dir()
-        listed = {s["shard"]: s for s in manifest["shards"]}
-        extra = sorted(set(on_disk) - set(listed))
-        if extra:
-            names = ", ".join(self._path(f"{SHARDS_DIR}/{i}.parquet") for i in extra)
-            raise ProposalCacheError(f"{names}: shard(s) on disk but not in the manifest {self._path(MANIFEST)}")
-        for shard_id, shard in listed.items():
-            path = self._path(shard["file"])
-            if shard_id not in on_disk:
-                raise ProposalCacheError(f"{path}: shard listed in the manifest is missing")
-            if on_disk[shard_id] != shard["bytes"]:
-                raise ProposalCacheError(f"{path}: shard is {on_disk[shard_id]} bytes, the manifest says {shard['bytes']} (truncated or altered)")
-        self._index = {i: (pos, row) for pos, s in enumerate(manifest["shards"]) for row, i in enumerate(s["image_ids"])}
-        self._open.clear()
-        self._manifest = manifest
-        return manifest
+    def _shard_paths(self) -> list[str]:
+        """Committed shard files, sorted by shard id; temporaries (dot files) skipped."""
+        selector = pafs.FileSelector(self._root, allow_not_found=True)
+        return sorted(
+            info.path
+            for info in self._fs.get_file_info(selector)
+            if info.type == pafs.FileType.File and info.base_name.endswith(SHARD_SUFFIX) and not info.base_name.startswith(".")
+        )
 
-    def _shard(self, pos: int) -> pq.ParquetFile:
-        """The shard at ``pos``, its sha256 checked on first open."""
-        if pos not in self._open:
-            shard = self._manifest["shards"][pos]
-            path = self._path(shard["file"])
-            if isinstance(self._fs, pafs.LocalFileSystem):
-                data = pa.memory_map(path).read_buffer()  # zero-copy, shared through the page cache
-            else:
-                with self._fs.open_input_stream(path, compression=None) as f:
-                    data = f.read_buffer()
-            if data.size != shard["bytes"] or hashlib.sha256(data).hexdigest() != shard["sha256"]:
-                raise ProposalCacheError(f"{path}: shard checksum mismatch (truncated or altered)")
-            try:
-                pf = pq.ParquetFile(pa.BufferReader(data))
-            except (pa.ArrowException, OSError) as e:
-                raise ProposalCacheError(f"{path}: unreadable Parquet shard ({e})") from e
-            if pf.metadata.num_rows != shard["rows"]:
-                raise ProposalCacheError(f"{path}: shard has {pf.metadata.num_rows} rows, the manifest says {shard['rows']}")
-            self._open[pos] = pf
-        return self._open[pos]
+    def _open(self, path: str) -> pq.ParquetFile:
+        """Open a shard (memory-mapped when local) and check its schema; reads only the footer."""
+        with _naming(path):
+            source = pa.memory_map(path) if self._fs.type_name == "local" else self._fs.open_input_file(path)
+            pf = pq.ParquetFile(source)
+        if not pf.schema_arrow.equals(SCHEMA):
+            raise ProposalCacheError(f"{path}: schema {pf.schema_arrow} is not the proposal cache schema")
+        return pf
 
-    def _list_shard_dir(self) -> tuple[dict[str, int], set[str]]:
-        """({shard id: bytes} of committed .parquet files, {shard ids with a sidecar}); temporaries skipped."""
-        selector = pafs.FileSelector(self._path(SHARDS_DIR), allow_not_found=True)
-        parquet, sidecars = {}, set()
-        for info in self._fs.get_file_info(selector):
-            name = info.base_name
-            if info.type != pafs.FileType.File or name.startswith(TMP_PREFIX):
-                continue
-            if name.endswith(".parquet"):
-                parquet[name[: -len(".parquet")]] = info.size
-            elif name.endswith(".json"):
-                sidecars.add(name[: -len(".json")])
-        return parquet, sidecars
 
-    def _read_json(self, rel: str) -> dict:
-        path = self._path(rel)
-        try:
-            with self._fs.open_input_stream(path, compression=None) as f:
-                return json.loads(f.read().decode("utf-8"))
-        except (ValueError, UnicodeDecodeError) as e:
-            raise ProposalCacheError(f"{path}: unreadable JSON ({e})") from e
+@contextlib.contextmanager
+def _naming(path: str):
+    """Re-raise pyarrow's read errors as a ``ProposalCacheError`` naming the shard file."""
+    try:
+        yield
+    except (pa.ArrowException, OSError) as e:
+        raise ProposalCacheError(f"{path}: unreadable Parquet shard ({e})") from e
 
-    def _atomic_write(self, rel: str, data) -> None:
-        """Write to a unique temporary name in the target's directory, then rename over the target."""
-        final = self._path(rel)
-        directory, _, name = final.rpartition("/")
-        tmp = f"{directory}/{TMP_PREFIX}{uuid.uuid4().hex}-{name}"
-        try:
-            with self._fs.open_output_stream(tmp, compression=None) as f:
-                f.write(data)
-            self._fs.move(tmp, final)
-        except BaseException:
-            if self._fs.get_file_info(tmp).type != pafs.FileType.NotFound:
-                self._fs.delete_file(tmp)
-            raise
+
+def _stamped_metadata(path: str, pf: pq.ParquetFile) -> dict[str, str]:
+    """The producer metadata in a shard's ``ga_proposal_cache`` schema metadata (version checked)."""
+    try:
+        stamp = json.loads(pf.schema_arrow.metadata[METADATA_KEY])
+        version, metadata = stamp["schema_version"], stamp["metadata"]
+    except (TypeError, ValueError, KeyError) as e:
+        raise ProposalCacheError(f"{path}: no valid {METADATA_KEY.decode()} schema metadata ({e!r})") from e
+    if version != SCHEMA_VERSION:
+        raise ProposalCacheError(f"{path}: schema version {version}, this reader reads version {SCHEMA_VERSION}")
+    return metadata
+
+
+def _row_locations(path: str, pf: pq.ParquetFile) -> tuple[list[int], list[tuple[int, int]]]:
+    """(image ids, (row group, row within it) of each), from the footer and the image_id column."""
+    with _naming(path):
+        ids = pf.read(columns=["image_id"], use_threads=False).column("image_id").to_numpy()
+    sizes = [pf.metadata.row_group(g).num_rows for g in range(pf.num_row_groups)]
+    starts = np.concatenate([[0], np.cumsum(sizes, dtype=np.int64)])  # first row of each group
+    rows = np.arange(len(ids))
+    groups = np.searchsorted(starts, rows, side="right") - 1  # row group of each row
+    return ids.tolist(), list(zip(groups.tolist(), (rows - starts[groups]).tolist()))
 
 
 def _resolve(root: str | os.PathLike, filesystem: pafs.FileSystem | None) -> tuple[pafs.FileSystem, str]:
@@ -365,10 +266,6 @@ def _check_metadata(metadata: Mapping[str, str]) -> dict[str, str]:
         if not isinstance(k, str) or not isinstance(v, str):
             raise ProposalCacheError(f"metadata must map str to str; got {k!r}: {v!r}")
     return dict(metadata)
-
-
-def _json_bytes(obj: dict) -> bytes:
-    return json.dumps(obj, sort_keys=True).encode("utf-8")
 
 
 def _to_table(shard_id: str, items: Iterable, metadata: dict[str, str]) -> pa.Table:
@@ -390,7 +287,8 @@ def _to_table(shard_id: str, items: Iterable, metadata: dict[str, str]) -> pa.Ta
             raise ProposalCacheError(f"image id {image_id}: boxes must have shape [K, 4], got {list(b.shape)}")
         k = b.shape[0]
         if s.shape != (k,) or lv.shape != (k,):
-            raise ProposalCacheError(f"image id {image_id}: scores and levels must have shape [{k}], got {list(s.shape)} and {list(lv.shape)}")
+            raise ProposalCacheError(
+                f"image id {image_id}: scores and levels must have shape [{k}], got {list(s.shape)} and {list(lv.shape)}")
         if k and not (np.issubdtype(b.dtype, np.floating) and np.issubdtype(s.dtype, np.floating)):
             raise ProposalCacheError(f"image id {image_id}: boxes and scores must be floating point, got {b.dtype} and {s.dtype}")
         if k and not np.issubdtype(lv.dtype, np.integer):

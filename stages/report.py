@@ -1,23 +1,79 @@
 """Report stage: a Markdown report that puts the measured proposal recall of RPN and GA-RPN
-next to the paper's Table 1 (COCO, ResNet-50-FPN; numbers from docs/ga-reference.md)."""
+next to the paper's Table 1 (COCO, ResNet-50-FPN; numbers from docs/ga-reference.md), with
+each model's recall plots, and the GA-RPN minus RPN gaps as metrics."""
 
 from __future__ import annotations
 
 import math
 import os
+import shutil
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 
-from stages._io import atomic_write_bytes
+from ga_models import ProposerConfig
+from stages.contract import Executor, Input, Output, StageResult
+from stages.data import DataConfig
+from stages.eval_proposals import VARIANT_LABELS
+from stages.io import atomic_write
+from stages.train_proposer import TrainConfig
 
 AR_COLUMNS = ("AR_100", "AR_300", "AR_1000", "AR_S", "AR_M", "AR_L")
 # Paper Table 1 (COCO val, R-50-FPN), percent; s/img on the authors' GPU.
 PAPER_TABLE1: dict[str, dict[str, float]] = {
-    "RPN": {"AR_100": 47.5, "AR_300": 54.7, "AR_1000": 59.4, "AR_S": 31.7, "AR_M": 55.1, "AR_L": 64.6, "seconds_per_image": 0.09},
-    "RPN + 9 anchors": {"AR_100": 46.8, "AR_300": 54.6, "AR_1000": 60.3, "AR_S": 29.5, "AR_M": 54.9, "AR_L": 65.6, "seconds_per_image": 0.09},
-    "GA-RPN": {"AR_100": 59.2, "AR_300": 65.2, "AR_1000": 68.5, "AR_S": 40.9, "AR_M": 67.8, "AR_L": 79.0, "seconds_per_image": 0.13},
+    name: dict(zip((*AR_COLUMNS, "seconds_per_image"), values))
+    for name, values in (
+        ("RPN", (47.5, 54.7, 59.4, 31.7, 55.1, 64.6, 0.09)),
+        ("RPN + 9 anchors", (46.8, 54.6, 60.3, 29.5, 54.9, 65.6, 0.09)),
+        ("GA-RPN", (59.2, 65.2, 68.5, 40.9, 67.8, 79.0, 0.13)),
+    )
 }
-VARIANT_LABELS = {"rpn": "RPN", "ga_rpn": "GA-RPN"}
+GAP_METRICS = ("AR_100", "AR_1000")
+
+
+@dataclass(frozen=True)
+class ReportConfig:
+    """The measured setting, described above the tables."""
+
+    data: DataConfig
+    proposer: ProposerConfig
+    train: TrainConfig
+
+
+def run(cfg: ReportConfig, inputs: Mapping[str, Input], out: Output, executor: Executor) -> StageResult:
+    """``report.md`` (+ ``plots/``) from every ``eval_proposals`` input; metrics
+    ``gap_AR_100``/``gap_AR_1000`` (GA-RPN minus RPN) when both variants are there."""
+    results, plots = {}, {}
+    for inp in inputs.values():
+        if inp.stage != "eval_proposals":
+            continue
+        results[inp.variant] = dict(inp.metrics)
+        plots[inp.variant] = {}
+        (out.dir / "plots").mkdir(exist_ok=True)
+        for name in inp.outputs["plots"]:
+            rel = f"plots/{inp.variant}_{name}"
+            shutil.copyfile(inp.local_dir() / name, out.dir / rel)
+            plots[inp.variant][name.removesuffix(".png")] = rel
+    write_report(out.dir / "report.md", render(results, plots, describe_setting(cfg)))
+    metrics = {}
+    if "rpn" in results and "ga_rpn" in results:
+        for m in GAP_METRICS:
+            a, b = results["ga_rpn"].get(m), results["rpn"].get(m)
+            if _finite(a) and _finite(b):
+                metrics[f"gap_{m}"] = a - b
+    return StageResult(metrics, {"report": "report.md"}, ("report.md", "plots"))
+
+
+def describe_setting(cfg: ReportConfig) -> str:
+    """One line: dataset, input size, backbone, schedule, device."""
+    if cfg.data.synthetic is not None:
+        sizes = cfg.data.synthetic_sizes()
+        dataset = f"synthetic '{cfg.data.synthetic}' val set ({sizes['num_val']} images, {sizes['image_size']} px)"
+    else:
+        dataset = f"COCO-format val set {cfg.data.val_ann}"
+    t = cfg.train
+    return (f"{dataset}, images resized to {cfg.proposer.min_size}/{cfg.proposer.max_size}, {cfg.proposer.backbone} backbone, "
+            f"{t.epochs} epochs x {t.num_workers} worker(s) x {t.batch_size} images, {'GPU' if t.use_gpu else 'CPU'}")
 
 
 def render(
@@ -62,7 +118,7 @@ def render(
 def write_report(path: str | os.PathLike, text: str) -> Path:
     """Write the report atomically; returns its path."""
     path = Path(path)
-    atomic_write_bytes(path, text.encode("utf-8"))
+    atomic_write(path, text.encode("utf-8"))
     return path
 
 

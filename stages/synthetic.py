@@ -38,7 +38,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-from stages._io import atomic_write_bytes, atomic_write_json
+from stages.io import atomic_write, write_json
 
 SIZES: dict[str, dict[str, int]] = {
     # seconds-scale, for tests
@@ -148,14 +148,14 @@ def generate(out_dir: str | os.PathLike, num_images: int, image_size: int, seed:
         file_name = f"{image_id:06d}.png"
         buf = io.BytesIO()
         Image.fromarray(pixels).save(buf, format="PNG", compress_level=1)
-        atomic_write_bytes(image_root / file_name, buf.getvalue())
+        atomic_write(image_root / file_name, buf.getvalue())
         images.append({"id": image_id, "file_name": file_name, "width": image_size, "height": image_size})
         for cls, bbox, area in objects:
             annotations.append({"id": len(annotations) + 1, "image_id": image_id, "category_id": cls.id,
                                 "bbox": bbox, "area": area, "iscrowd": 0})
 
     ann_file = out_dir / "annotations.json"
-    atomic_write_json(ann_file, {
+    write_json(ann_file, {
         "info": {"description": "Guided Anchoring synthetic dataset", "seed": seed,
                  "num_images": num_images, "image_size": image_size, "knobs": dataclasses.asdict(k)},
         "images": images,

@@ -1,10 +1,12 @@
-"""Train stage: the per-worker training loop of a proposal model (RPN or GA-RPN).
+"""Train stage: train a proposal model (RPN or GA-RPN) on the data node's train split.
 
-A plain function with no Ray or MLflow: everything distributed or persistent goes through a
-``TrainContext`` (``pipeline/`` supplies one backed by Ray Train; ``LocalContext`` runs it in
-one process). Data parallelism: worker ``rank`` of ``world_size`` trains on its own disjoint
-slice of a per-epoch shuffle (``epoch_indices``); gradients are averaged by the model wrapper
-the context returns from ``prepare_model`` (DDP under Ray Train).
+``run`` hands the per-worker loop ``train_proposer`` to the executor (the pipeline runs it on
+Ray Train workers; ``stages.contract.LocalExecutor`` in one process) and writes ``model.pt``
+(the trained state dict) and ``history.json`` (per-epoch metrics). The loop has no Ray or
+MLflow: everything distributed or persistent goes through a ``stages.contract.TrainContext``.
+Data parallelism: worker ``rank`` of ``world_size`` trains on its own disjoint slice of a
+per-epoch shuffle (``epoch_indices``); gradients are averaged by the model wrapper the context
+returns from ``prepare_model`` (DDP under Ray Train).
 
 Schedule: SGD(momentum, weight decay) with the learning rate per iteration = ``lr`` x linear
 warm-up (from ``warmup_ratio`` to 1 over ``warmup_iters``) x 0.1 per passed ``lr_steps``
@@ -16,25 +18,28 @@ from __future__ import annotations
 import math
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Protocol
 
 import torch
-from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler, Subset
 
 from ga_models import ProposerConfig, build_proposer, load_state_dict_checked
+from stages.contract import Executor, Input, Output, StageResult, TrainContext, only
 from stages.datasets import CocoDetection, collate
+from stages.io import save_torch, write_json
+
+# Config fields that cannot change the trained weights: a node's cache key leaves them out.
+NO_EFFECT = {"affects_result": False}
 
 
 @dataclass(frozen=True)
 class TrainConfig:
     """Optimisation schedule and scaling of one proposer training run.
 
-    ``num_workers``/``use_gpu``/``max_failures`` are read by the runner (Ray Train's
+    ``num_workers``/``use_gpu``/``max_failures`` are read by the executor (Ray Train's
     ScalingConfig/FailureConfig); the loop itself only sees the resulting rank and device.
+    ``log_every``: a progress line every that many steps.
     """
 
     epochs: int = 12
@@ -50,8 +55,8 @@ class TrainConfig:
     seed: int = 0
     num_workers: int = 1
     use_gpu: bool = False
-    max_failures: int = 1
-    log_every: int = 10
+    max_failures: int = field(default=1, metadata=NO_EFFECT)
+    log_every: int = field(default=10, metadata=NO_EFFECT)
 
     def __post_init__(self) -> None:
         positive = ("epochs", "batch_size", "lr", "grad_clip", "num_workers", "log_every")
@@ -67,63 +72,6 @@ class TrainConfig:
             raise ValueError(f"train.hflip_prob must be in [0, 1], got {self.hflip_prob}")
         if list(self.lr_steps) != sorted(set(self.lr_steps)) or any(s < 1 for s in self.lr_steps):
             raise ValueError(f"train.lr_steps must be increasing epochs >= 1, got {list(self.lr_steps)}")
-
-
-class TrainContext(Protocol):
-    """What the loop needs from its runner."""
-
-    rank: int
-    world_size: int
-    device: torch.device
-
-    def prepare_model(self, model: nn.Module) -> nn.Module:
-        """Move to ``device`` and wrap for gradient averaging across workers."""
-
-    def load_checkpoint(self) -> dict | None:
-        """The state last passed to ``end_epoch`` by an earlier attempt of this run, or None."""
-
-    def on_step(self, epoch: int, step: int, num_steps: int, losses: dict[str, float], image_ids: list[int]) -> None:
-        """Progress after each optimiser step (epoch and step 0-based; the batch's image ids)."""
-
-    def end_epoch(self, epoch: int, metrics: dict[str, float], state: dict) -> None:
-        """Called by every worker after epoch ``epoch`` (1-based) with that worker's epoch
-        metrics; ``state`` (model/optimizer/scheduler state dicts, ``epoch``, ``history``) is the
-        resumable checkpoint, identical in content on every worker."""
-
-
-@dataclass
-class LocalContext:
-    """Single-process context: checkpoints in ``checkpoint_dir/checkpoint.pt`` (or none)."""
-
-    device: torch.device = torch.device("cpu")
-    checkpoint_dir: Path | None = None
-    rank: int = 0
-    world_size: int = 1
-    epochs_seen: list[dict[str, float]] = field(default_factory=list)
-
-    def prepare_model(self, model: nn.Module) -> nn.Module:
-        return model.to(self.device)
-
-    def load_checkpoint(self) -> dict | None:
-        path = self.checkpoint_dir and Path(self.checkpoint_dir, "checkpoint.pt")
-        return torch.load(path, map_location="cpu", weights_only=True) if path and path.exists() else None
-
-    def on_step(self, epoch: int, step: int, num_steps: int, losses: dict[str, float], image_ids: list[int]) -> None:
-        pass
-
-    def end_epoch(self, epoch: int, metrics: dict[str, float], state: dict) -> None:
-        self.epochs_seen.append(metrics)
-        if self.checkpoint_dir is not None:
-            save_state(state, Path(self.checkpoint_dir, "checkpoint.pt"))
-
-
-def save_state(state: dict, path: str | os.PathLike) -> None:
-    """``torch.save`` of a dict of tensors/numbers/lists, atomically (temp file + rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
 
 
 def epoch_indices(num_items: int, epoch: int, rank: int, world_size: int, seed: int) -> list[int]:
@@ -161,8 +109,7 @@ def train_proposer(
     Raises FloatingPointError naming the epoch, step and losses if a loss is not finite.
     """
     torch.manual_seed(cfg.seed)  # the same initial weights on every worker
-    dataset = CocoDetection(ann_file, image_root, min_size=proposer_cfg.min_size, max_size=proposer_cfg.max_size,
-                            train=True, hflip_prob=cfg.hflip_prob)
+    dataset = CocoDetection(ann_file, image_root, train=True, hflip_prob=cfg.hflip_prob)
     model = build_proposer(proposer_cfg)
     wrapped = ctx.prepare_model(model)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -202,7 +149,7 @@ def train_proposer(
             values["loss"] = sum(values.values())
             for k, v in values.items():
                 sums[k] = sums.get(k, 0.0) + v
-            ctx.on_step(epoch, step, len(loader), values, [int(t["image_id"]) for t in targets])
+            ctx.on_step(epoch, cfg.epochs, step, len(loader), values, [int(t["image_id"]) for t in targets])
         metrics = {k: v / max(len(loader), 1) for k, v in sums.items()}
         metrics["lr"] = optimizer.param_groups[0]["lr"]
         metrics["epoch_seconds"] = time.perf_counter() - started
@@ -216,6 +163,41 @@ def train_proposer(
         }
         ctx.end_epoch(epoch + 1, metrics, state)
     return state
+
+
+@dataclass(frozen=True)
+class TrainProposerConfig:
+    """The train stage's config: the model and its schedule."""
+
+    proposer: ProposerConfig
+    train: TrainConfig
+
+
+@dataclass(frozen=True)
+class _WorkerJob:
+    cfg: TrainProposerConfig
+    data: Input
+    split: Mapping[str, str]
+
+
+def _worker_loop(ctx: TrainContext, job: _WorkerJob) -> None:
+    """One training worker: fetch the data node on this machine, run ``train_proposer``."""
+    data_dir = job.data.local_dir()
+    train_proposer(job.cfg.proposer, job.cfg.train, data_dir / job.split["ann_file"], data_dir / job.split["image_root"], ctx)
+
+
+def run(cfg: TrainProposerConfig, inputs: Mapping[str, Input], out: Output, executor: Executor) -> StageResult:
+    """Train on the data node's train split; writes ``model.pt`` and ``history.json``.
+
+    Metrics: the last epoch's losses and lr, ``train_seconds`` and ``epochs`` (per-epoch values
+    are logged by the executor as training goes, hence ``logged``)."""
+    data = only(inputs, "data")
+    state = executor.train(_worker_loop, _WorkerJob(cfg, data, data.outputs["splits"]["train"]))
+    save_torch(state["model"], out.dir / "model.pt")
+    write_json(out.dir / "history.json", state["history"], indent=1)
+    per_epoch = frozenset(k for h in state["history"] for k in h if k not in ("epoch", "epoch_seconds"))
+    return StageResult(final_metrics(state["history"]), {"epochs": state["epoch"], "model": "model.pt"},
+                       ("model.pt", "history.json"), per_epoch)
 
 
 def final_metrics(history: Sequence[dict[str, float]]) -> dict[str, float]:

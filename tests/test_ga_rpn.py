@@ -193,8 +193,9 @@ def test_state_dict_round_trip_and_renamed_layers_fail_clearly():
         ([torch.rand(3, 64, 64)], [{"labels": torch.zeros(0)}], "no 'boxes'"),
     ],
 )
-def test_bad_input_raises_a_clear_value_error(images, targets, message):
-    model = build_proposer(small()).train()
+@pytest.mark.parametrize("kind", ["rpn", "ga_rpn"])
+def test_bad_input_raises_a_clear_value_error(kind, images, targets, message):
+    model = build_proposer(small(kind)).train()
     with pytest.raises(ValueError, match=message):
         model(images, targets)
 

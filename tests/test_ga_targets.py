@@ -68,13 +68,13 @@ def test_no_boxes_gives_all_negative_maps():
 @pytest.mark.parametrize(
     "boxes, message",
     [
-        (torch.tensor([[10.0, 10.0, 5.0, 20.0]]), "x2 <= x1"),
-        (torch.tensor([[10.0, 10.0, float("nan"), 20.0]]), "not finite"),
         (torch.tensor([1.0, 2.0, 3.0, 4.0]), "shape"),
         (torch.tensor([[1, 2, 3, 4]]), "floating point"),
     ],
 )
-def test_bad_boxes_are_rejected(boxes, message):
+def test_malformed_boxes_are_rejected(boxes, message):
+    # only the structure is checked here; box values (finite, x2 > x1) are the caller's, see
+    # test_ga_rpn.py::test_bad_input_raises_a_clear_value_error
     with pytest.raises(ValueError, match=message):
         location_targets(boxes, SIZES, STRIDES)
     with pytest.raises(ValueError, match=message):

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from stages import metrics
+from stages.coco import DatasetError
 from stages.metrics import anchors_per_image, evaluate_detections, evaluate_proposals, load_ground_truth, recall_curves
 
 
@@ -203,15 +204,35 @@ def test_unknown_image_id_is_rejected(tmp_path):
 def test_bad_annotation_files(tmp_path):
     bad = tmp_path / "bad.json"
     bad.write_text("{not json")
-    with pytest.raises(ValueError, match="bad.json"):
+    with pytest.raises(DatasetError, match=r"bad\.json: malformed JSON"):
         evaluate_proposals(bad, {})
-    with pytest.raises(FileNotFoundError, match="missing.json"):
+    with pytest.raises(DatasetError, match=r"missing\.json: cannot read"):
         evaluate_proposals(tmp_path / "missing.json", {})
-    no_area = tmp_path / "no_area.json"
-    no_area.write_text(json.dumps({"images": [{"id": 1}], "categories": [{"id": 1}],
-                                   "annotations": [{"id": 5, "image_id": 1, "category_id": 1, "bbox": [0, 0, 1, 1], "iscrowd": 0}]}))
-    with pytest.raises(ValueError, match="annotation id 5 lacks field.*area"):
-        evaluate_proposals(no_area, {})
+    no_bbox = tmp_path / "no_bbox.json"
+    no_bbox.write_text(json.dumps({"images": [{"id": 1}], "categories": [{"id": 1}],
+                                   "annotations": [{"id": 5, "image_id": 1, "category_id": 1, "iscrowd": 0}]}))
+    with pytest.raises(DatasetError, match=r"no_bbox\.json: annotation id 5 \(image id 1\): 'bbox' must be 4 finite"):
+        evaluate_proposals(no_bbox, {})
+
+
+def test_duplicate_annotation_ids_are_rejected_not_merged(tmp_path):
+    # pycocotools' index would keep only the second annotation 1 and evaluate against 1 GT box instead of 2
+    ann = tmp_path / "dup.json"
+    ann.write_text(json.dumps({"images": [{"id": 1}], "categories": [{"id": 1}], "annotations": [
+        {"id": 1, "image_id": 1, "category_id": 1, "bbox": [0, 0, 10, 10]},
+        {"id": 1, "image_id": 1, "category_id": 1, "bbox": [50, 50, 10, 10]}]}))
+    with pytest.raises(DatasetError, match=r"dup\.json: duplicate annotation id 1"):
+        evaluate_proposals(ann, {})
+
+
+def test_file_without_area_and_iscrowd_evaluates(tmp_path):
+    # only what evaluation reads: no file_name/width/height; area = w * h = 1 (small), iscrowd = 0
+    ann = tmp_path / "no_area.json"
+    ann.write_text(json.dumps({"images": [{"id": 1}], "categories": [{"id": 1}],
+                               "annotations": [{"id": 5, "image_id": 1, "category_id": 1, "bbox": [0, 0, 1, 1]}]}))
+    result = evaluate_proposals(ann, {1: props((0, 0, 1, 1))})
+    assert (result["AR_100"], result["AR_S"]) == (1.0, 1.0)
+    assert math.isnan(result["AR_M"]) and math.isnan(result["AR_L"])
 
 
 def test_stdout_stays_quiet(tmp_path, capsys):

@@ -5,7 +5,15 @@ import dataclasses
 import pytest
 
 from pipeline.config import (
-    ConfigError, PipelineConfig, apply_override, build_config, flatten, load_preset, preset_names, resolve, to_dict,
+    ConfigError,
+    PipelineConfig,
+    apply_override,
+    build_config,
+    flatten,
+    load_preset,
+    preset_names,
+    resolve,
+    to_dict,
 )
 
 
@@ -22,17 +30,17 @@ def test_preset_values_match_their_purpose():
     assert smoke.data.synthetic_sizes() == {"num_train": 8, "num_val": 4, "image_size": 128}
     assert not smoke.proposer.pretrained_backbone and not smoke.train.use_gpu
     assert coco.proposer_for("ga_rpn").backbone == "resnet50"
-    assert (coco.data.min_size, coco.data.max_size) == (800, 1333)
+    assert (coco.proposer.min_size, coco.proposer.max_size) == (800, 1333)
     assert coco.train.lr == 0.02 and coco.train.num_workers * coco.train.batch_size == 16
     assert coco.train.lr_steps == (8, 11) and coco.train.epochs == 12 and coco.train.warmup_iters == 500
     assert coco.train.use_gpu and coco.train.grad_clip == 35.0
 
 
-def test_variant_sets_kind_and_sizes_from_data():
+def test_variant_sets_kind():
     cfg = resolve("smoke")
     rpn, ga = cfg.proposer_for("rpn"), cfg.proposer_for("ga_rpn")
     assert (rpn.kind, ga.kind) == ("rpn", "ga_rpn")
-    assert (ga.min_size, ga.max_size) == (cfg.data.min_size, cfg.data.max_size) == (128, 128)
+    assert (ga.min_size, ga.max_size) == (rpn.min_size, rpn.max_size) == (128, 128)
     with pytest.raises(ConfigError, match="unknown variant"):
         cfg.proposer_for("retina")
 
@@ -56,7 +64,7 @@ def test_overrides_are_typed():
     ("train.lr_steps=5", "train.lr_steps: expected a list"),
     ("train.epochs=0", "train.epochs must be > 0"),
     ("proposer.kind=rpn", "proposer.kind: not configurable here"),
-    ("proposer.min_size=512", "proposer.min_size: not configurable here"),
+    ("data.min_size=512", "data.min_size: moved to proposer.min_size"),
     ("proposer.approx_samples=4", "proposer.approx_samples=4"),
     ("data.synthetic=huge", "data.synthetic: unknown size 'huge'"),
     ("data.synthetic=null", "data.train_ann: required"),
@@ -85,7 +93,7 @@ def test_broken_and_missing_presets(tmp_path):
 
 def test_preset_file_path_and_override_into_new_section(tmp_path):
     path = tmp_path / "mine.yaml"
-    path.write_text("name: mine\ndata: {synthetic: smoke, min_size: 64, max_size: 64}\n")
+    path.write_text("name: mine\ndata: {synthetic: smoke}\nproposer: {min_size: 64, max_size: 64}\n")
     raw = load_preset(str(path))
     apply_override(raw, "train.epochs=1")
     cfg = build_config(raw)

@@ -1,16 +1,22 @@
-"""Cache keys re-key exactly the downstream nodes; the plan reuses complete nodes only;
-the artifact store's manifest is the commit point."""
+"""Cache keys re-key exactly the downstream nodes (config and code, the code part derived from
+the stage modules' imports); the plan reuses complete nodes only; the artifact store's manifest
+is the commit point."""
 
 import json
+import shutil
+import subprocess
+import sys
 
 import pytest
 
+from pipeline.code_hash import PROJECT_PACKAGES, ROOT, import_closure
 from pipeline.config import resolve
 from pipeline.dag import CACHED, FORCED, RERUN, build_dag, cache_keys, descendants, make_plan
-from pipeline.store import MANIFEST, ArtifactStore
+from pipeline.stage_table import STAGES
+from pipeline.store import MANIFEST, ArtifactStore, StoreError
 
-ALL = ["data", "train/rpn", "proposals/rpn", "eval_proposals/rpn",
-       "train/ga_rpn", "proposals/ga_rpn", "eval_proposals/ga_rpn", "report"]
+ALL = ["data", "train/rpn", "train/ga_rpn", "proposals/rpn", "proposals/ga_rpn",
+       "eval_proposals/rpn", "eval_proposals/ga_rpn", "report"]
 
 
 def keys_for(*overrides):
@@ -25,10 +31,12 @@ def changed(*overrides):
 def test_dag_shape():
     dag = build_dag()
     assert list(dag) == ALL
+    assert dag["train/ga_rpn"].deps == ("data",)
     assert dag["proposals/rpn"].deps == ("train/rpn", "data")
     assert dag["report"].deps == ("eval_proposals/rpn", "eval_proposals/ga_rpn")
     assert descendants(dag, {"train/rpn"}) == {"train/rpn", "proposals/rpn", "eval_proposals/rpn", "report"}
     assert list(build_dag(("ga_rpn",))) == ["data", "train/ga_rpn", "proposals/ga_rpn", "eval_proposals/ga_rpn", "report"]
+    assert build_dag(("ga_rpn",))["report"].deps == ("eval_proposals/ga_rpn",)
 
 
 def test_keys_are_stable_and_distinct():
@@ -57,14 +65,57 @@ def test_changing_one_setting_rekeys_exactly_downstream(override, expected):
     assert changed(override) == expected
 
 
-def test_code_change_rekeys_the_stage_and_downstream(monkeypatch):
-    import pipeline.dag as dag_module
+@pytest.fixture(scope="module")
+def source_copy(tmp_path_factory):
+    """A copy of the project's packages whose sources a test may edit."""
+    root = tmp_path_factory.mktemp("src")
+    for package in PROJECT_PACKAGES:
+        shutil.copytree(ROOT / package, root / package, ignore=shutil.ignore_patterns("__pycache__"))
+    return root
 
-    base = keys_for()
-    real = dag_module.code_hash
-    monkeypatch.setattr(dag_module, "code_hash", lambda stage: real(stage) + ("x" if stage == "eval_proposals" else ""))
-    new = keys_for()
-    assert {n for n in base if base[n] != new[n]} == {"eval_proposals/rpn", "eval_proposals/ga_rpn", "report"}
+
+BRANCHES = {"train/rpn", "proposals/rpn", "eval_proposals/rpn", "train/ga_rpn", "proposals/ga_rpn",
+            "eval_proposals/ga_rpn", "report"}
+EVALS = {"eval_proposals/rpn", "eval_proposals/ga_rpn", "report"}
+
+
+@pytest.mark.parametrize("module, expected", [
+    ("stages/synthetic.py", set(ALL)),  # the data stage generates with it: everything downstream
+    ("stages/coco.py", set(ALL)),  # the one COCO reader: data validates, evaluation reads
+    ("stages/datasets.py", BRANCHES),  # training flip / image reading: not the data node
+    ("ga_models/layers.py", BRANCHES),
+    ("ga_models/targets.py", BRANCHES),
+    ("stages/proposal_cache.py", BRANCHES - {"train/rpn", "train/ga_rpn"}),
+    ("stages/metrics.py", EVALS),
+    ("stages/eval_proposals.py", EVALS),
+    ("stages/report.py", {"report"}),
+    ("pipeline/runner.py", set()),  # orchestration does not change any output
+    ("pipeline/tracking.py", set()),
+])
+def test_editing_a_module_rekeys_exactly_the_nodes_that_import_it_and_downstream(source_copy, module, expected):
+    cfg, dag = resolve("smoke"), build_dag()
+    base = cache_keys(cfg, dag, source_copy)
+    path = source_copy / module
+    original = path.read_bytes()
+    try:
+        path.write_bytes(original + b"\n# edited\n")
+        new = cache_keys(cfg, dag, source_copy)
+    finally:
+        path.write_bytes(original)
+    assert {n for n in base if base[n] != new[n]} == expected
+    assert cache_keys(cfg, dag, source_copy) == base
+
+
+def test_every_project_module_a_stage_loads_is_in_its_code_hash():
+    """The static import closure covers what importing the stage module really loads."""
+    for stage in STAGES:
+        name = stage.module.__name__
+        probe = (f"import importlib, sys; importlib.import_module({name!r}); "
+                 f"print('\\n'.join(m for m in sys.modules if m.split('.')[0] in {PROJECT_PACKAGES!r}))")
+        loaded = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True, check=True)
+        static, _ = import_closure(name)
+        assert set(loaded.stdout.split()) <= set(static), f"{name}: {set(loaded.stdout.split()) - set(static)}"
+        assert not any(m.startswith("pipeline") for m in static), f"{name} imports the pipeline"
 
 
 def commit(store, stage, key, files=None, metrics=None):
@@ -72,7 +123,8 @@ def commit(store, stage, key, files=None, metrics=None):
     for name, text in (files or {"out.txt": "x"}).items():
         (out / name).parent.mkdir(parents=True, exist_ok=True)
         (out / name).write_text(text)
-    return store.commit(stage, key, out, {"metrics": metrics or {}, "outputs": {}})
+    store.upload(stage, key, out)
+    return store.commit(stage, key, {"metrics": metrics or {}, "outputs": {}})
 
 
 def test_manifest_lists_files_with_checksums_and_is_written_last(tmp_path):
@@ -113,9 +165,9 @@ def test_plan_reuses_complete_nodes_and_runs_only_what_is_needed(tmp_path):
     assert [s.node.id for s in plan] == ALL and all(s.run and s.reason == "no output yet" for s in plan)
 
     for node_id in ("data", "train/rpn", "proposals/rpn"):
-        commit(store, dag[node_id].stage, keys[node_id])
+        commit(store, dag[node_id].stage.name, keys[node_id])
     plan = {s.node.id: s for s in make_plan(dag, keys, store, list(dag))}
-    assert [n for n, s in plan.items() if not s.run] == ["data", "train/rpn", "proposals/rpn"]
+    assert sorted(n for n, s in plan.items() if not s.run) == ["data", "proposals/rpn", "train/rpn"]
     assert plan["proposals/rpn"].reason == CACHED and plan["proposals/rpn"].manifest["key"] == keys["proposals/rpn"]
 
     # one stage: a cached target needs none of its inputs
@@ -130,9 +182,25 @@ def test_force_and_from(tmp_path):
     dag, store = build_dag(), ArtifactStore(tmp_path)
     keys = keys_for()
     for node_id in dag:
-        commit(store, dag[node_id].stage, keys[node_id])
+        commit(store, dag[node_id].stage.name, keys[node_id])
     assert not any(s.run for s in make_plan(dag, keys, store, list(dag)))
     forced = {s.node.id: s.reason for s in make_plan(dag, keys, store, list(dag), force={"train/rpn"}) if s.run}
     assert forced == {"train/rpn": FORCED}
     rerun = {s.node.id: s.reason for s in make_plan(dag, keys, store, list(dag), rerun_from={"proposals/ga_rpn"}) if s.run}
     assert rerun == {"proposals/ga_rpn": RERUN, "eval_proposals/ga_rpn": RERUN, "report": RERUN}
+
+
+def test_remote_store_uploads_and_local_dir_verifies_what_it_fetches(tmp_path):
+    store = ArtifactStore("mock:///store", local_cache=tmp_path / "cache")  # pyarrow's in-memory filesystem
+    assert not store.is_local
+    commit(store, "train", "k", {"model.pt": "weights", "sub/h.json": "{}"})
+    assert store.check("train", "k", verify=True)[0] is not None
+    fetched = store.local_dir("train", "k")
+    assert (fetched / "model.pt").read_text() == "weights" and (fetched / "sub/h.json").read_text() == "{}"
+
+    commit(store, "train", "bad", {"model.pt": "weights"})
+    with store.fs.open_output_stream(store.path("train", "bad", "model.pt")) as f:
+        f.write(b"WEIGHTS")  # same size, other bytes
+    with pytest.raises(StoreError, match=r"mock:///store/train/bad/model.pt: downloaded 7 bytes"):
+        store.local_dir("train", "bad")
+    assert not (tmp_path / "cache" / "train" / "bad").exists()  # nothing half-fetched is kept

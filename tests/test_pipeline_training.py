@@ -1,6 +1,6 @@
-"""Ray Train V2 wrapper: with 2 workers (DDP over gloo) each worker trains on a disjoint half
-of the data every epoch and the replicas stay identical; a run started again under the same
-name resumes from its last checkpoint instead of training again."""
+"""Ray Train V2 behind ``RayExecutor.train``: with 2 workers (DDP over gloo) each worker trains
+on a disjoint half of the data every epoch and the replicas stay identical; a run started again
+under the same cache key resumes from its last checkpoint instead of training again."""
 
 import json
 import sys
@@ -9,22 +9,31 @@ import torch
 from ray import cloudpickle
 
 from ga_models import ProposerConfig
-from pipeline.training import RayTrainContext, TrainJob, fit
+from pipeline.executor import RayExecutor
+from pipeline.stage_table import Resources
+from pipeline.store import ArtifactStore
 from stages import synthetic
 from stages.train_proposer import TrainConfig, train_proposer
 
 cloudpickle.register_pickle_by_value(sys.modules[__name__])  # Ray workers cannot import tests/
 
 
-class RecordingContext(RayTrainContext):
-    """Writes, per rank and epoch, the image ids trained on and a checksum of the weights."""
+class RecordingContext:
+    """Wraps the worker's TrainContext; writes, per rank and epoch, the image ids trained on and
+    a checksum of the weights."""
 
-    def __init__(self, job, out_dir):
-        super().__init__(job)
-        self.out_dir, self.seen = out_dir, []
+    def __init__(self, ctx, out_dir):
+        self.ctx, self.out_dir, self.seen = ctx, out_dir, []
+        self.rank, self.world_size, self.device = ctx.rank, ctx.world_size, ctx.device
 
-    def on_step(self, epoch, step, num_steps, losses, image_ids):
-        super().on_step(epoch, step, num_steps, losses, image_ids)
+    def prepare_model(self, model):
+        return self.ctx.prepare_model(model)
+
+    def load_checkpoint(self):
+        return self.ctx.load_checkpoint()
+
+    def on_step(self, epoch, num_epochs, step, num_steps, losses, image_ids):
+        self.ctx.on_step(epoch, num_epochs, step, num_steps, losses, image_ids)
         self.seen.extend(image_ids)
 
     def end_epoch(self, epoch, metrics, state):
@@ -32,12 +41,13 @@ class RecordingContext(RayTrainContext):
         record = {"ids": self.seen, "weights": weights, "world_size": self.world_size}
         (self.out_dir / f"rank{self.rank}_epoch{epoch}.json").write_text(json.dumps(record))
         self.seen = []
-        super().end_epoch(epoch, metrics, state)
+        self.ctx.end_epoch(epoch, metrics, state)
 
 
-def make_loop(out_dir):
-    def loop(job):
-        train_proposer(job.proposer, job.train, job.ann_file, job.image_root, RecordingContext(job, out_dir))
+def make_loop(out_dir, ann, root):
+    def loop(ctx, cfg):
+        proposer, train = cfg
+        train_proposer(proposer, train, ann, root, RecordingContext(ctx, out_dir))
     return loop
 
 
@@ -45,18 +55,17 @@ def test_two_workers_disjoint_halves_and_resume(ray_session, tmp_path):
     ann, root = synthetic.generate(tmp_path / "data", 8, 64, seed=3)
     records = tmp_path / "records"
     records.mkdir()
+    executor = RayExecutor("train/test", "run-a", Resources("driver", num_workers=2), ArtifactStore(tmp_path / "store"))
 
-    def job(epochs):
-        return TrainJob(
-            node_id="train/test", proposer=ProposerConfig(kind="rpn", min_size=64, max_size=64, fpn_channels=16),
-            train=TrainConfig(epochs=epochs, batch_size=2, lr=0.01, warmup_iters=1, lr_steps=(), num_workers=2),
-            store_root=str(tmp_path), data_key="unused", ann_file=str(ann), image_root=str(root),
-            tracking_uri=None, run_id=None)
+    def config(epochs):
+        return (ProposerConfig(kind="rpn", min_size=64, max_size=64, fpn_channels=16),
+                TrainConfig(epochs=epochs, batch_size=2, lr=0.01, warmup_iters=1, lr_steps=(), num_workers=2))
 
-    first = fit(job(1), str(tmp_path / "ray"), "run-a", loop=make_loop(records))
+    first = executor.train(make_loop(records, ann, root), config(1))
     assert first["epoch"] == 1 and len(first["history"]) == 1
-    # Same run name, more epochs: resumes from the epoch-1 checkpoint and trains epoch 2 only.
-    second = fit(job(2), str(tmp_path / "ray"), "run-a", loop=make_loop(records))
+    assert list((tmp_path / "store" / "_ray_train" / "run-a").glob("epoch_0001"))
+    # Same key, more epochs: resumes from the epoch-1 checkpoint and trains epoch 2 only.
+    second = executor.train(make_loop(records, ann, root), config(2))
     assert second["epoch"] == 2
     assert second["history"][0] == first["history"][0]  # restored, not re-trained
     assert sorted(p.name for p in records.iterdir()) == [

@@ -1,11 +1,13 @@
-"""stages.proposal_cache: round trips, concurrent writers, random access, integrity checks."""
+"""stages.proposal_cache: round trips, concurrent writers, random access, the checks a reader makes."""
 
 from __future__ import annotations
 
 import json
 import multiprocessing
+import re
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import pytest
@@ -45,7 +47,6 @@ def build(root, shards=(range(0, 10), range(10, 25)), rows_per_group=4):
         shard_items = make_items(ids, seed=n)
         cache.write_shard(f"part-{n:03d}", shard_items)
         items.update({it[0]: it for it in shard_items})
-    cache.finalize()
     return items
 
 
@@ -60,7 +61,6 @@ def test_round_trip_is_exact(tmp_path):
         assert_same(everything[image_id], item)
     empty = cache.get(5)  # K = 0
     assert empty[0].shape == (0, 4) and empty[1].shape == (0,) and empty[2].shape == (0,)
-    cache.verify()
 
 
 def test_returned_arrays_are_writable_copies(tmp_path):
@@ -76,7 +76,6 @@ def test_float64_input_is_stored_as_float32(tmp_path):
     cache = ProposalCache(tmp_path / "c")
     boxes = np.array([[0.1, 0.2, 10.3, 20.4]])  # float64
     cache.write_shard("s", [(3, boxes, np.array([0.9]), np.array([2], dtype=np.int32))])
-    cache.finalize()
     got = ProposalCache(tmp_path / "c").get(3)
     np.testing.assert_array_equal(got[0], boxes.astype(np.float32))
     assert got[2].tolist() == [2]
@@ -93,19 +92,25 @@ def test_random_access_in_any_order(tmp_path):
         cache.get(99)
 
 
-def test_metadata_round_trip(tmp_path):
+def test_files_and_metadata(tmp_path):
     build(tmp_path / "c")
+    assert sorted(p.name for p in (tmp_path / "c").iterdir()) == ["part-000.parquet", "part-001.parquet"]  # shards only
     assert ProposalCache(tmp_path / "c").metadata == META
-    manifest = json.loads((tmp_path / "c" / "manifest.json").read_text())
-    assert manifest["metadata"] == META and manifest["schema_version"] == 1
-    assert manifest["num_images"] == 25
-    assert [s["rows"] for s in manifest["shards"]] == [10, 15]
-    assert all(len(s["sha256"]) == 64 for s in manifest["shards"])
-    stamp = json.loads(pq.read_schema(tmp_path / "c" / "shards" / "part-000.parquet").metadata[METADATA_KEY])
-    assert stamp == {"schema_version": 1, "metadata": META}
-    ProposalCache(tmp_path / "c", META).get(1)  # same metadata: fine
-    with pytest.raises(ProposalCacheError, match="differs"):
+    shard = pq.ParquetFile(tmp_path / "c" / "part-001.parquet")
+    assert shard.metadata.num_rows == 15 and [shard.metadata.row_group(g).num_rows for g in range(4)] == [4, 4, 4, 3]
+    assert json.loads(shard.schema_arrow.metadata[METADATA_KEY]) == {"schema_version": 1, "metadata": META}
+    column = shard.metadata.row_group(0).column(1)
+    assert column.compression == "ZSTD" and "BYTE_STREAM_SPLIT" in column.encodings
+    ProposalCache(tmp_path / "c", META).get(1)  # the expected metadata: fine
+    with pytest.raises(ProposalCacheError, match=r"part-000\.parquet: shard metadata .* differs"):
         ProposalCache(tmp_path / "c", {**META, "config_hash": "other"}).get(1)
+
+
+def test_shards_with_different_metadata_are_rejected(tmp_path):
+    build(tmp_path / "c")
+    ProposalCache(tmp_path / "c", {**META, "model_key": "other"}).write_shard("part-002", make_items(range(30, 33)))
+    with pytest.raises(ProposalCacheError, match=r"part-002\.parquet: shard metadata .*'other'.* differs .*part-000\.parquet"):
+        ProposalCache(tmp_path / "c").image_ids()
 
 
 def test_uri_root(tmp_path):
@@ -118,11 +123,10 @@ def test_non_local_filesystem(tmp_path):
     fsspec = pytest.importorskip("fsspec")
     fs = pafs.PyFileSystem(pafs.FSSpecHandler(fsspec.filesystem("memory")))
     items = make_items(range(8))
-    writer = ProposalCache("/mem-cache", META, filesystem=fs)
-    writer.write_shard("only", items)
-    writer.finalize()
-    cache = ProposalCache("/mem-cache", filesystem=fs)
-    cache.verify()
+    root = f"/{tmp_path.name}/cache"  # fsspec's memory store is shared by the whole process
+    ProposalCache(root, META, filesystem=fs).write_shard("only", items)
+    cache = ProposalCache(root, filesystem=fs)
+    assert cache.image_ids() == list(range(8))
     for item in items:
         assert_same(cache.get(item[0]), item)
 
@@ -141,86 +145,59 @@ def test_concurrent_writers(tmp_path):
     for p in procs:
         p.join(timeout=120)
         assert p.exitcode == 0
-    ProposalCache(root, META).finalize()
-    cache = ProposalCache(root)
-    cache.verify()
-    assert sorted(cache.image_ids()) == list(range(90))
+    cache = ProposalCache(root, META)
+    assert cache.image_ids() == list(range(90))  # shard id order: worker-0, worker-1, worker-2
     for ids in ranges:
         for item in make_items(ids, seed=ids[0]):
             assert_same(cache.get(item[0]), item)
-    assert not [p for p in (tmp_path / "c" / "shards").iterdir() if p.name.startswith(".tmp-")]
+    assert sorted(p.name for p in (tmp_path / "c").iterdir()) == [f"worker-{w}.parquet" for w in range(3)]  # no temporaries
 
 
-def test_missing_manifest_is_an_incomplete_cache(tmp_path):
-    cache = ProposalCache(tmp_path / "c", META)
-    cache.write_shard("a", make_items(range(3)))
-    assert not cache.is_complete()
-    for read in (cache.image_ids, cache.read_all, cache.verify, lambda: cache.get(1)):
-        with pytest.raises(ProposalCacheError, match="incomplete proposal cache.*manifest.json"):
+@pytest.mark.parametrize("root", ["missing", "."])
+def test_no_shards_is_an_error(tmp_path, root):
+    root = (tmp_path / root).resolve()
+    cache = ProposalCache(root)
+    for read in (cache.image_ids, cache.read_all, lambda: cache.get(1), lambda: 1 in cache, lambda: len(cache)):
+        with pytest.raises(ProposalCacheError, match=f"no proposal cache shards .* under {re.escape(str(root))}$"):
             read()
-    cache.finalize()
-    assert cache.is_complete()
-    cache.get(1)
-    with pytest.raises(ProposalCacheError, match="already finalized"):
-        cache.write_shard("b", make_items(range(3, 6)))
 
 
 def test_truncated_shard_is_named(tmp_path):
     build(tmp_path / "c")
-    shard = tmp_path / "c" / "shards" / "part-001.parquet"
+    shard = tmp_path / "c" / "part-001.parquet"
     shard.write_bytes(shard.read_bytes()[:-100])
     cache = ProposalCache(tmp_path / "c")
-    for read in (lambda: cache.get(12), cache.read_all, cache.verify):
-        with pytest.raises(ProposalCacheError, match=r"part-001\.parquet.*truncated or altered"):
+    for read in (lambda: cache.get(1), cache.read_all, cache.image_ids):
+        with pytest.raises(ProposalCacheError, match=r"part-001\.parquet: unreadable Parquet shard"):
             read()
 
 
-def test_altered_byte_is_detected(tmp_path):
+def test_wrong_schema_and_missing_stamp_are_named(tmp_path):
     build(tmp_path / "c")
-    shard = tmp_path / "c" / "shards" / "part-000.parquet"
-    data = bytearray(shard.read_bytes())
-    data[len(data) // 2] ^= 0x01  # same size, one bit flipped
-    shard.write_bytes(bytes(data))
-    cache = ProposalCache(tmp_path / "c")
-    assert cache.get(12)[0].shape[1] == 4  # the other shard still reads
-    with pytest.raises(ProposalCacheError, match=r"part-000\.parquet: shard checksum mismatch"):
-        cache.get(1)
-    with pytest.raises(ProposalCacheError, match=r"part-000\.parquet"):
-        ProposalCache(tmp_path / "c").verify()
+    stray = tmp_path / "c" / "stray.parquet"
+    pq.write_table(pa.table({"image_id": [100]}), stray)
+    with pytest.raises(ProposalCacheError, match=r"stray\.parquet: schema .* is not the proposal cache schema"):
+        ProposalCache(tmp_path / "c").get(1)
+    pq.write_table(pq.read_table(tmp_path / "c" / "part-000.parquet").replace_schema_metadata(None), stray)
+    with pytest.raises(ProposalCacheError, match=r"stray\.parquet: no valid ga_proposal_cache schema metadata"):
+        ProposalCache(tmp_path / "c").get(1)
 
 
-def test_shard_set_must_match_manifest(tmp_path):
-    build(tmp_path / "c")
-    shards = tmp_path / "c" / "shards"
-    stray = shards / "stray.parquet"
-    stray.write_bytes((shards / "part-000.parquet").read_bytes())
-    with pytest.raises(ProposalCacheError, match=r"stray\.parquet.*not in the manifest"):
-        ProposalCache(tmp_path / "c").get(1)
-    stray.unlink()
-    (shards / "part-001.parquet").unlink()
-    with pytest.raises(ProposalCacheError, match=r"part-001\.parquet: shard listed in the manifest is missing"):
-        ProposalCache(tmp_path / "c").get(1)
+def test_duplicate_image_id_across_shards_names_both(tmp_path):
+    cache = ProposalCache(tmp_path / "c", META)
+    cache.write_shard("a", make_items(range(3)))
+    cache.write_shard("b", make_items(range(2, 4)))
+    with pytest.raises(ProposalCacheError, match=r"image id 2 is in two shards: .*/a\.parquet and .*/b\.parquet"):
+        cache.read_all()
+    cache.write_shard("b", make_items(range(3, 6)))  # rewriting a shard id replaces it
+    assert cache.image_ids() == [0, 1, 2, 3, 4, 5]
 
 
 def test_leftover_temporary_files_are_ignored(tmp_path):
     items = build(tmp_path / "c")
-    (tmp_path / "c" / "shards" / ".tmp-deadbeef-part-009.parquet").write_bytes(b"partial")
+    (tmp_path / "c" / ".part-009.parquet.deadbeef.tmp").write_bytes(b"partial")  # as a crashed writer leaves it
+    (tmp_path / "c" / ".part-008.parquet").write_bytes(b"partial")
     assert_same(ProposalCache(tmp_path / "c").get(3), items[3])
-
-
-def test_finalize_checks_shards(tmp_path):
-    cache = ProposalCache(tmp_path / "c", META)
-    cache.write_shard("a", make_items(range(3)))
-    cache.write_shard("b", make_items(range(2, 4)))
-    with pytest.raises(ProposalCacheError, match="image id 2 is in shards 'a' and 'b'"):
-        cache.finalize()
-    cache.write_shard("b", make_items(range(3, 6)))  # rewriting a shard id replaces it
-    (tmp_path / "c" / "shards" / "b.json").unlink()  # as if its writer died before the sidecar
-    with pytest.raises(ProposalCacheError, match=r"b\.parquet: shard has no sidecar"):
-        cache.finalize()
-    ProposalCache(tmp_path / "c", {"model_key": "other"}).write_shard("b", make_items(range(3, 6)))
-    with pytest.raises(ProposalCacheError, match=r"b\.parquet: shard metadata"):
-        cache.finalize()
 
 
 @pytest.mark.parametrize(
@@ -240,7 +217,7 @@ def test_bad_items_are_rejected(tmp_path, item, message):
     good = make_items([1, 2, 3])
     with pytest.raises(ProposalCacheError, match=message):
         ProposalCache(tmp_path / "c").write_shard("s", [*good, item])
-    assert not (tmp_path / "c" / "shards" / "s.parquet").exists()
+    assert not (tmp_path / "c").exists()
 
 
 def test_bad_shard_ids_and_metadata(tmp_path):
@@ -254,10 +231,7 @@ def test_bad_shard_ids_and_metadata(tmp_path):
         ProposalCache(tmp_path / "c", {"config_hash": 123})
 
 
-def test_empty_shard_and_empty_cache(tmp_path):
-    cache = ProposalCache(tmp_path / "c", META)
-    cache.write_shard("empty", [])
-    cache.finalize()
-    reader = ProposalCache(tmp_path / "c")
-    assert reader.image_ids() == [] and reader.read_all() == {}
-    reader.verify()
+def test_empty_shard(tmp_path):
+    ProposalCache(tmp_path / "c", META).write_shard("empty", [])
+    reader = ProposalCache(tmp_path / "c", META)
+    assert reader.image_ids() == [] and reader.read_all() == {} and len(reader) == 0 and 1 not in reader

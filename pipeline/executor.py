@@ -1,0 +1,173 @@
+"""Running one node on Ray: the stage's ``run`` with its inputs, output directory and a
+``RayExecutor`` (the ``stages.contract.Executor`` backed by Ray tasks and Ray Train V2).
+
+- ``run_node``: the body of a node. It prepares the node's output directory, calls the stage,
+  and copies the files to the store (a no-op for a local store). The runner calls it in a
+  driver thread or inside one Ray task, as the stage record's ``Resources.body`` says.
+- ``RayExecutor.map``: one Ray task per item (``num_cpus``/``num_gpus`` from the record).
+- ``RayExecutor.train``: a Ray Train V2 ``TorchTrainer`` whose workers run the stage's loop with
+  a ``RayTrainContext`` (DDP over gloo on CPU / nccl on GPU, a checkpoint reported every epoch,
+  per-epoch metrics to MLflow from rank 0, a progress line every ``log_every`` steps).
+  ``RunConfig(storage_path=<store>/_ray_train, name=<cache key>)``: running a node again after a
+  crash finds that run's checkpoints and resumes from the last epoch reported.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import tempfile
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import ray
+import torch
+from torch import nn
+
+from pipeline import runtime, tracking
+from pipeline.stage_table import Resources
+from pipeline.store import ArtifactStore
+from stages.contract import CHECKPOINT_FILE, Input, Output, StageResult, TrainContext
+from stages.io import save_torch
+
+logger = logging.getLogger(__name__)
+RAY_TRAIN_DIR = "_ray_train"
+
+
+def node_input(store: ArtifactStore, node_id: str, key: str, manifest: Mapping) -> Input:
+    """The ``Input`` of a finished node: its files fetched from ``store`` where it is used."""
+    return Input(node_id, key, manifest, functools.partial(store.local_dir, node_id.split("/", 1)[0], key))
+
+
+@dataclass(frozen=True)
+class RayExecutor:
+    """``stages.contract.Executor`` of one node (sent to Ray workers by value)."""
+
+    node_id: str
+    key: str
+    resources: Resources
+    store: ArtifactStore
+    log_every: int = 10
+    tracking_uri: str | None = None
+    run_id: str | None = None
+    fresh: bool = False  # forced: do not resume an earlier training attempt
+    verbose: bool = False
+
+    def map(self, fn: Callable[[Any, torch.device], Any], items: Sequence[Any]) -> list[Any]:
+        use_gpu = self.resources.num_gpus > 0
+        task = _apply.options(num_cpus=self.resources.num_cpus, num_gpus=self.resources.num_gpus)
+        return ray.get([task.remote(fn, item, use_gpu) for item in items])
+
+    def train(self, loop: Callable[[TrainContext, Any], None], config: Any) -> dict:
+        """Run (or resume) ``loop(ctx, config)`` on Ray Train workers; returns the state of the
+        last checkpoint. Raises ray.train's TrainingFailedError after ``max_failures`` retries."""
+        from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
+        from ray.train.torch import TorchTrainer
+
+        if self.fresh:
+            self.store.clear(RAY_TRAIN_DIR, self.key)
+        trainer = TorchTrainer(
+            train_loop_per_worker=_train_worker,
+            train_loop_config={"loop": loop, "config": config, "executor": self},
+            scaling_config=ScalingConfig(num_workers=self.resources.num_workers, use_gpu=self.resources.num_gpus > 0),
+            run_config=RunConfig(
+                name=self.key,
+                storage_path=self.store.uri(RAY_TRAIN_DIR),
+                failure_config=FailureConfig(max_failures=self.resources.max_failures),
+                checkpoint_config=CheckpointConfig(num_to_keep=2),
+                # Ray Train's own INFO lines ("Reporting training result ..." per epoch and worker)
+                # only with --verbose.
+                logging_config=LoggingConfig(log_level="INFO" if self.verbose else "WARNING"),
+            ),
+        )
+        result = trainer.fit()
+        if result.checkpoint is None:
+            raise RuntimeError(f"{self.node_id}: training finished without a checkpoint")
+        with result.checkpoint.as_directory() as d:
+            return torch.load(Path(d, CHECKPOINT_FILE), map_location="cpu", weights_only=True)
+
+
+@ray.remote
+def _apply(fn: Callable[[Any, torch.device], Any], item: Any, use_gpu: bool) -> Any:
+    return fn(item, runtime.task_device(use_gpu))
+
+
+def _train_worker(job: dict) -> None:
+    """Ray Train's ``train_loop_per_worker``."""
+    job["loop"](RayTrainContext(job["executor"]), job["config"])
+
+
+class RayTrainContext:
+    """``stages.contract.TrainContext`` on a Ray Train worker."""
+
+    def __init__(self, executor: RayExecutor) -> None:
+        import ray.train
+
+        ctx = ray.train.get_context()
+        self.rank = ctx.get_world_rank()
+        self.world_size = ctx.get_world_size()
+        self.device = runtime.train_device()
+        self.executor = executor
+        self._started = time.perf_counter()
+        self._steps_done = 0
+
+    def prepare_model(self, model: nn.Module) -> nn.Module:
+        import ray.train.torch
+
+        # Ablations leave some parameters without gradients: DDP must not wait for them.
+        return ray.train.torch.prepare_model(model, parallel_strategy_kwargs={"find_unused_parameters": True})
+
+    def load_checkpoint(self) -> dict | None:
+        import ray.train
+
+        checkpoint = ray.train.get_checkpoint()
+        if checkpoint is None:
+            return None
+        with checkpoint.as_directory() as d:
+            state = torch.load(Path(d, CHECKPOINT_FILE), map_location="cpu", weights_only=True)
+        if self.rank == 0:
+            logger.info("[%s] resuming from the checkpoint of epoch %d", self.executor.node_id, state["epoch"])
+        return state
+
+    def on_step(self, epoch: int, num_epochs: int, step: int, num_steps: int, losses: dict[str, float],
+                image_ids: list[int]) -> None:
+        self._steps_done += 1
+        if self.rank != 0 or not ((step + 1) % self.executor.log_every == 0 or step + 1 == num_steps):
+            return
+        per_step = (time.perf_counter() - self._started) / self._steps_done
+        left = (num_steps - step - 1) + (num_epochs - epoch - 1) * num_steps
+        logger.info("[%s] epoch %d/%d step %d/%d loss %.4f (%.2f s/step, ETA %s)", self.executor.node_id, epoch + 1,
+                    num_epochs, step + 1, num_steps, losses["loss"], per_step, _hms(left * per_step))
+
+    def end_epoch(self, epoch: int, metrics: dict[str, float], state: dict) -> None:
+        import ray.train
+
+        if self.rank != 0:
+            ray.train.report(metrics)
+            return
+        ex = self.executor
+        if ex.tracking_uri and ex.run_id:
+            tracking.log_epoch(ex.tracking_uri, ex.run_id, metrics, epoch)
+        with tempfile.TemporaryDirectory() as d:
+            save_torch(state, Path(d, CHECKPOINT_FILE))
+            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d), checkpoint_dir_name=f"epoch_{epoch:04d}")
+
+
+def run_node(run: Callable, cfg: Any, inputs: Mapping[str, Input], stage: str, executor: RayExecutor) -> StageResult:
+    """The body of a node: a fresh output directory, the stage's ``run``, the files to the store."""
+    store = executor.store
+    out_dir = store.prepare(stage, executor.key)
+    result = run(cfg, inputs, Output(out_dir, store.uri(stage, executor.key)), executor)
+    store.upload(stage, executor.key, out_dir)
+    return result
+
+
+run_node_task = ray.remote(run_node)
+
+
+def _hms(seconds: float) -> str:
+    seconds = int(max(seconds, 0))
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
