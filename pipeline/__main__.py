@@ -4,11 +4,11 @@
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 import time
 from pathlib import Path
 
+from pipeline import logs
 from pipeline.config import VARIANTS, ConfigError, PipelineConfig, flatten, resolve, to_dict, to_yaml
 from pipeline.dag import Node, build_dag, cache_keys, make_plan
 from pipeline.runtime import RayAddressError
@@ -71,21 +71,9 @@ def select(dag: dict[str, Node], names: list[str], what: str) -> set[str]:
     return out
 
 
-def configure_logging(verbose: bool) -> None:
-    """Progress and results of the project's loggers on stdout, one line each (the CLI's own
-    output); third-party loggers keep their defaults."""
-    handler = logging.StreamHandler(sys.stdout)
-    handler.setFormatter(logging.Formatter("%(message)s"))
-    for name in ("pipeline", "stages", "ga_models"):
-        log = logging.getLogger(name)
-        log.handlers[:] = [handler]
-        log.setLevel(logging.DEBUG if verbose else logging.INFO)
-        log.propagate = False
-
-
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    configure_logging(args.verbose)
+    logs.configure(args.verbose)
     try:
         return _main(args)
     except (ConfigError, UsageError, StoreError, TrackingError, RayAddressError, DatasetError, FileNotFoundError) as e:

@@ -27,7 +27,7 @@ import ray
 import torch
 from torch import nn
 
-from pipeline import runtime, tracking
+from pipeline import logs, runtime, tracking
 from pipeline.stage_table import Resources
 from pipeline.store import ArtifactStore
 from stages.contract import CHECKPOINT_FILE, Input, Output, StageResult, TrainContext
@@ -57,9 +57,8 @@ class RayExecutor:
     verbose: bool = False
 
     def map(self, fn: Callable[[Any, torch.device], Any], items: Sequence[Any]) -> list[Any]:
-        use_gpu = self.resources.num_gpus > 0
         task = _apply.options(num_cpus=self.resources.num_cpus, num_gpus=self.resources.num_gpus)
-        return ray.get([task.remote(fn, item, use_gpu) for item in items])
+        return ray.get([task.remote(fn, item, self) for item in items])
 
     def train(self, loop: Callable[[TrainContext, Any], None], config: Any) -> dict:
         """Run (or resume) ``loop(ctx, config)`` on Ray Train workers; returns the state of the
@@ -91,12 +90,14 @@ class RayExecutor:
 
 
 @ray.remote
-def _apply(fn: Callable[[Any, torch.device], Any], item: Any, use_gpu: bool) -> Any:
-    return fn(item, runtime.task_device(use_gpu))
+def _apply(fn: Callable[[Any, torch.device], Any], item: Any, executor: RayExecutor) -> Any:
+    logs.configure(executor.verbose)
+    return fn(item, runtime.task_device(executor.resources.num_gpus > 0))
 
 
 def _train_worker(job: dict) -> None:
     """Ray Train's ``train_loop_per_worker``."""
+    logs.configure(job["executor"].verbose, quiet_root=True)
     job["loop"](RayTrainContext(job["executor"]), job["config"])
 
 
@@ -158,6 +159,7 @@ class RayTrainContext:
 
 def run_node(run: Callable, cfg: Any, inputs: Mapping[str, Input], stage: str, executor: RayExecutor) -> StageResult:
     """The body of a node: a fresh output directory, the stage's ``run``, the files to the store."""
+    logs.configure(executor.verbose)
     store = executor.store
     out_dir = store.prepare(stage, executor.key)
     result = run(cfg, inputs, Output(out_dir, store.uri(stage, executor.key)), executor)

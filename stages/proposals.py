@@ -78,7 +78,7 @@ def run(cfg: ProposalsStageConfig, inputs: Mapping[str, Input], out: Output, exe
     shards = shard_ranges(num_images, cfg.proposals.num_shards)
     metadata = {"model_key": train.key, "image_size": "original image pixels (xyxy)"}
     cache_uri = f"{out.uri}/{CACHE_DIR}"
-    logger.info("[%s] %d images in %d shard(s)", train.variant or "proposals", num_images, len(shards))
+    logger.info("proposals of %s: %d images in %d shard(s)", train.node_id, num_images, len(shards))
     jobs = [ShardJob(cfg, data, train, split, tuple(r), cache_uri, f"shard-{i:04d}", metadata) for i, r in enumerate(shards)]
     stats: dict[str, list[float]] = {"image_ids": [], "num_anchors": [], "seconds": []}
     for part in executor.map(propose_shard, jobs):
