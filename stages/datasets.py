@@ -29,7 +29,7 @@ from torchvision.transforms.functional import pil_to_tensor
 
 from stages.coco import DatasetError, DatasetWarning, ImageRecord, load_coco, validate_coco
 
-__all__ = ["CocoDetection", "DatasetError", "DatasetWarning", "collate"]
+__all__ = ["CocoDetection", "DatasetError", "DatasetWarning", "collate", "open_split"]
 
 
 class CocoDetection(Dataset):

@@ -173,19 +173,6 @@ class TrainProposerConfig:
     train: TrainConfig
 
 
-@dataclass(frozen=True)
-class _WorkerJob:
-    cfg: TrainProposerConfig
-    data: Input
-    split: Mapping[str, str]
-
-
-def _worker_loop(ctx: TrainContext, job: _WorkerJob) -> None:
-    """One training worker: fetch the data node on this machine, run ``train_proposer``."""
-    data_dir = job.data.local_dir()
-    train_proposer(job.cfg.proposer, job.cfg.train, data_dir / job.split["ann_file"], data_dir / job.split["image_root"], ctx)
-
-
 def run(cfg: TrainProposerConfig, inputs: Mapping[str, Input], out: Output, executor: Executor) -> StageResult:
     """Train on the data node's train split; writes ``model.pt`` and ``history.json``.
 
@@ -198,6 +185,21 @@ def run(cfg: TrainProposerConfig, inputs: Mapping[str, Input], out: Output, exec
     per_epoch = frozenset(k for h in state["history"] for k in h if k not in ("epoch", "epoch_seconds"))
     return StageResult(final_metrics(state["history"]), {"epochs": state["epoch"], "model": "model.pt"},
                        ("model.pt", "history.json"), per_epoch)
+
+
+@dataclass(frozen=True)
+class _WorkerJob:
+    """What each training worker is sent: the config and where the train split is."""
+
+    cfg: TrainProposerConfig
+    data: Input
+    split: Mapping[str, str]
+
+
+def _worker_loop(ctx: TrainContext, job: _WorkerJob) -> None:
+    """One training worker: fetch the data node on this machine, run ``train_proposer``."""
+    data_dir = job.data.local_dir()
+    train_proposer(job.cfg.proposer, job.cfg.train, data_dir / job.split["ann_file"], data_dir / job.split["image_root"], ctx)
 
 
 def final_metrics(history: Sequence[dict[str, float]]) -> dict[str, float]:
