@@ -9,13 +9,17 @@
   a ``RayTrainContext`` (DDP over gloo on CPU / nccl on GPU, a checkpoint reported every epoch,
   per-epoch metrics to MLflow from rank 0, a progress line every ``log_every`` steps).
   ``RunConfig(storage_path=<store>/_ray_train, name=<cache key>)``: running a node again after a
-  crash finds that run's checkpoints and resumes from the last epoch reported.
+  crash resumes from the newest readable ``epoch_NNNN`` checkpoint under that directory, whether
+  or not Ray's own run snapshot was written before the crash.
 """
 
 from __future__ import annotations
 
 import functools
+import io
 import logging
+import pickle
+import re
 import tempfile
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -23,6 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import pyarrow.fs as pafs
 import ray
 import torch
 from torch import nn
@@ -83,10 +88,30 @@ class RayExecutor:
             ),
         )
         result = trainer.fit()
-        if result.checkpoint is None:
+        if result.checkpoint is not None:
+            with result.checkpoint.as_directory() as d:
+                return torch.load(Path(d, CHECKPOINT_FILE), map_location="cpu", weights_only=True)
+        state = self.newest_checkpoint()  # every epoch was done before a crash: nothing new reported
+        if state is None:
             raise RuntimeError(f"{self.node_id}: training finished without a checkpoint")
-        with result.checkpoint.as_directory() as d:
-            return torch.load(Path(d, CHECKPOINT_FILE), map_location="cpu", weights_only=True)
+        return state
+
+    def newest_checkpoint(self) -> dict | None:
+        """The state of the newest ``epoch_NNNN/checkpoint.pt`` of this node's Ray Train run that
+        loads (a checkpoint cut short by a crash is skipped with a warning), or None."""
+        fs, base = self.store.fs, self.store.path(RAY_TRAIN_DIR, self.key)
+        epochs = []
+        for info in fs.get_file_info(pafs.FileSelector(base, allow_not_found=True)):
+            match = re.fullmatch(r"epoch_(\d+)", info.base_name)
+            if info.type == pafs.FileType.Directory and match:
+                epochs.append((int(match.group(1)), info.path))
+        for epoch, path in sorted(epochs, reverse=True):
+            try:
+                with fs.open_input_stream(f"{path}/{CHECKPOINT_FILE}") as f:
+                    return torch.load(io.BytesIO(f.read()), map_location="cpu", weights_only=True)
+            except (OSError, RuntimeError, EOFError, pickle.UnpicklingError) as e:
+                logger.warning("[%s] skipping the checkpoint of epoch %d, it does not load (%s)", self.node_id, epoch, e)
+        return None
 
 
 @ray.remote
@@ -122,14 +147,10 @@ class RayTrainContext:
         return ray.train.torch.prepare_model(model, parallel_strategy_kwargs={"find_unused_parameters": True})
 
     def load_checkpoint(self) -> dict | None:
-        import ray.train
-
-        checkpoint = ray.train.get_checkpoint()
-        if checkpoint is None:
-            return None
-        with checkpoint.as_directory() as d:
-            state = torch.load(Path(d, CHECKPOINT_FILE), map_location="cpu", weights_only=True)
-        if self.rank == 0:
+        """The newest checkpoint in the store (not only the one Ray's run snapshot remembers: a
+        crash can land between a checkpoint's upload and the snapshot's write)."""
+        state = self.executor.newest_checkpoint()
+        if state is not None and self.rank == 0:
             logger.info("[%s] resuming from the checkpoint of epoch %d", self.executor.node_id, state["epoch"])
         return state
 

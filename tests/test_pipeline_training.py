@@ -3,6 +3,7 @@ on a disjoint half of the data every epoch and the replicas stay identical; a ru
 under the same cache key resumes from its last checkpoint instead of training again."""
 
 import json
+import logging
 import sys
 
 import torch
@@ -80,3 +81,26 @@ def test_two_workers_disjoint_halves_and_resume(ray_session, tmp_path):
         assert r0["weights"] == r1["weights"]  # gradients were averaged: replicas identical
     trained = torch.nn.utils.parameters_to_vector(second["model"].values())
     assert torch.isfinite(trained).all()
+
+
+def test_resume_takes_the_newest_checkpoint_that_loads(tmp_path, caplog):
+    """A crash can leave a newer checkpoint than Ray's run snapshot knows, or a truncated one."""
+    from stages.io import save_torch
+
+    store = ArtifactStore(tmp_path)
+    executor = RayExecutor("train/x", "key", Resources("driver"), store)
+    assert executor.newest_checkpoint() is None
+    run_dir = tmp_path / "_ray_train" / "key"
+    for epoch in (1, 2, 10):
+        save_torch({"epoch": epoch}, run_dir / f"epoch_{epoch:04d}" / "checkpoint.pt")
+    assert executor.newest_checkpoint() == {"epoch": 10}  # by number, not by name
+    blob = (run_dir / "epoch_0010" / "checkpoint.pt").read_bytes()
+    (run_dir / "epoch_0010" / "checkpoint.pt").write_bytes(blob[: len(blob) // 2])  # cut short by a crash
+    (run_dir / "epoch_0011").mkdir()  # created, nothing written yet
+    log = logging.getLogger("pipeline.executor")  # the CLI's logging setup may stop propagation
+    log.addHandler(caplog.handler)
+    try:
+        assert executor.newest_checkpoint() == {"epoch": 2}
+    finally:
+        log.removeHandler(caplog.handler)
+    assert "epoch 10" in caplog.text and "epoch 11" in caplog.text
