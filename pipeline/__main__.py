@@ -16,7 +16,7 @@ from pipeline.stage_table import STAGE_NAMES
 from pipeline.store import ArtifactStore, StoreError
 from pipeline.tracking import TrackingError
 from stages.coco import DatasetError
-from stages.io import write_json
+from stages.io import atomic_write, write_json
 
 DESCRIPTION = """Guided Anchoring experiment pipeline: trains the RPN baseline and GA-RPN with Ray Train,
 caches their proposals to Parquet, evaluates them, writes a report, and logs it all to MLflow.
@@ -121,7 +121,7 @@ def _run(args, cfg: PipelineConfig, plan, keys, store: ArtifactStore, workdir: P
 
     workdir.mkdir(parents=True, exist_ok=True)
     config_file = workdir / "config.yaml"
-    config_file.write_text(to_yaml(cfg))
+    atomic_write(config_file, to_yaml(cfg).encode())
     started = time.perf_counter()
     owns_ray = any(step.run for step in plan) and runtime.init_ray()
     try:

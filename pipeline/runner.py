@@ -118,7 +118,8 @@ def _run_one(cfg, step: Step, store: ArtifactStore, keys, manifests, tracker, ve
             tracker.finish_node(run_id, final, [store.local_dir(stage.name, step.key) / a for a in result.artifacts])
     except Exception as e:  # reported per node; the CLI exits non-zero
         seconds = time.perf_counter() - started
-        message = f"{type(e).__name__}: {e}".splitlines()[0]
+        cause = e.cause if isinstance(e, ray.exceptions.RayTaskError) and e.cause is not None else e
+        message = f"{type(cause).__name__}: {cause}".splitlines()[0]
         logger.error("! %-22s FAILED after %.1fs: %s\n%s", node.id, seconds, message, traceback.format_exc())
         if tracker:
             tracker.finish_node(run_id, {}, ok=False)

@@ -102,3 +102,21 @@ def test_changing_an_inference_setting_reruns_only_downstream(smoke_run):
     cached = {node: entry["cached"] for node, entry in summary.items()}
     assert cached == {"data": True, "train/rpn": True, "proposals/rpn": False, "eval_proposals/rpn": False,
                       "report": False}
+
+
+def test_a_broken_dataset_fails_the_data_node_naming_file_and_id(ray_session, tmp_path, monkeypatch):
+    """The data node runs in a Ray task; its summary entry carries the DatasetError itself."""
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    (tmp_path / "images").mkdir()
+    image = {"id": 7, "file_name": "a.png", "width": 8, "height": 8}
+    ann = tmp_path / "ann.json"
+    ann.write_text(json.dumps({"images": [image, image], "annotations": [], "categories": [{"id": 1, "name": "x"}]}))
+    paths = [f"data.{k}={v}" for k, v in (("train_ann", ann), ("val_ann", ann), ("train_images", tmp_path / "images"),
+                                          ("val_images", tmp_path / "images"))]
+    code = main(["run", "data", "--preset", "smoke", "--workdir", str(tmp_path / "work"), "--set", "data.synthetic=null",
+                 *[a for p in paths for a in ("--set", p)]])
+    assert code == 1
+    error = json.loads((tmp_path / "work" / "summary.json").read_text())["data"]["error"]
+    assert error.startswith("DatasetError: ") and str(ann) in error and "duplicate image id 7" in error
+    assert not list((tmp_path / "work").glob("data/*/manifest.json"))
