@@ -11,6 +11,7 @@ Shape shorthand: N images, L levels, A anchors per image over all levels, A_l of
 """
 from __future__ import annotations
 
+from abc import ABCMeta, abstractmethod
 from typing import Any, NamedTuple
 
 import torch
@@ -42,7 +43,7 @@ class HeadOutputs(NamedTuple):
     extras: Any = None
 
 
-class ProposalNetworkBase(RegionProposalNetwork):
+class ProposalNetworkBase(RegionProposalNetwork, metaclass=ABCMeta):
     """Common training and test-time tail of the baseline and GA-RPN: RPN cls/reg losses,
     decoding and selection. The assigner is the reference's for both (0.7 / 0.3, min_pos_iou 0.3,
     see MinPosIoUMatcher). Subclasses implement ``predict`` and may add ``extra_losses``.
@@ -94,10 +95,10 @@ class ProposalNetworkBase(RegionProposalNetwork):
         out = self.propose(images, features, targets)
         return out.boxes, out.losses
 
+    @abstractmethod
     def predict(self, images: ImageList, feature_maps: list[Tensor]) -> HeadOutputs:
         """The hook each network fills: per level anchors, objectness logits, box deltas and
         candidate masks (see HeadOutputs) of feature_maps, per level Tensor[N, C, H_l, W_l]."""
-        raise NotImplementedError(f"{type(self).__name__} must implement predict(images, feature_maps) -> HeadOutputs")
 
     def extra_losses(self, out: HeadOutputs, targets: list[dict[str, Tensor]]) -> dict[str, Tensor]:
         """The hook for a network's own loss_* terms beside the RPN cls/reg losses (none here).

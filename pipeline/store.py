@@ -30,7 +30,7 @@ from pathlib import Path
 
 import pyarrow.fs as pafs
 
-from stages.io import json_safe, write_json
+from stages.io import filesystem_for, json_safe, write_json
 
 MANIFEST = "manifest.json"
 _CHUNK = 1 << 20
@@ -43,18 +43,12 @@ class StoreError(ValueError):
 class ArtifactStore:
     def __init__(self, root: str | os.PathLike, local_cache: str | os.PathLike | None = None) -> None:
         root = os.fspath(root)
-        if "://" in root:
-            try:
-                self.fs, base = pafs.FileSystem.from_uri(root)
-            except (ValueError, OSError) as e:  # pyarrow's ArrowInvalid is a ValueError
-                raise StoreError(f"storage root {root!r}: {e}") from None
-            self.is_local = isinstance(self.fs, pafs.LocalFileSystem)
-            self.root = root.rstrip("/")
-        else:
-            self.fs, base = pafs.LocalFileSystem(), os.path.abspath(root)
-            self.is_local = True
-            self.root = base
-        self._base = base.rstrip("/")
+        try:
+            self.fs, self._base = filesystem_for(root)
+        except (ValueError, OSError) as e:  # pyarrow's ArrowInvalid is a ValueError
+            raise StoreError(f"storage root {root!r}: {e}") from None
+        self.is_local = isinstance(self.fs, pafs.LocalFileSystem)
+        self.root = root.rstrip("/") if "://" in root else self._base
         self._local_cache = Path(local_cache or Path(tempfile.gettempdir(), "ga-pipeline-cache"))
 
     def __reduce__(self):
@@ -82,11 +76,15 @@ class ArtifactStore:
                 raise StoreError(f"{self.uri(stage, key)}: no manifest, the node is not complete")
             dest.parent.mkdir(parents=True, exist_ok=True)
             tmp = Path(tempfile.mkdtemp(dir=dest.parent, prefix=f".{key}."))
-            for entry in manifest["files"]:
-                self._download(self.path(stage, key, entry["path"]), tmp / entry["path"], entry)
-            write_json(tmp / MANIFEST, manifest)
-            shutil.rmtree(dest, ignore_errors=True)
-            os.replace(tmp, dest)
+            try:
+                for entry in manifest["files"]:
+                    self._download(self.path(stage, key, entry["path"]), tmp / entry["path"], entry)
+                write_json(tmp / MANIFEST, manifest)
+                shutil.rmtree(dest, ignore_errors=True)
+                os.replace(tmp, dest)
+            except BaseException:
+                shutil.rmtree(tmp, ignore_errors=True)
+                raise
         return dest
 
     # ---- node state ------------------------------------------------------------------------

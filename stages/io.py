@@ -59,6 +59,17 @@ def atomic_write(path: str | os.PathLike, data: Payload | Writer, *, filesystem:
         _write_renamed(filesystem, os.fspath(path), data)
 
 
+def filesystem_for(root: str | os.PathLike) -> tuple[pafs.FileSystem, str]:
+    """``(filesystem, path inside it)`` of a local path (made absolute) or of a URI that
+    ``pyarrow.fs.FileSystem.from_uri`` accepts (``s3://bucket/prefix``); no trailing slash.
+    Raises pyarrow's error (a ``ValueError`` or ``OSError``) for an unusable URI."""
+    root = os.fspath(root)
+    if "://" in root:
+        fs, path = pafs.FileSystem.from_uri(root)
+        return fs, path.rstrip("/")
+    return pafs.LocalFileSystem(), os.path.abspath(root)
+
+
 def json_safe(obj: Any) -> Any:
     """``obj`` with every NaN, +inf and -inf float replaced by None, recursively through mappings
     (into dicts), lists and tuples (into lists); anything else is returned as is."""

@@ -47,7 +47,7 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from stages.io import atomic_write
+from stages.io import atomic_write, filesystem_for
 
 SCHEMA_VERSION = 1
 METADATA_KEY = b"ga_proposal_cache"
@@ -94,7 +94,7 @@ class ProposalCache:
         filesystem: pafs.FileSystem | None = None,
         rows_per_group: int = ROWS_PER_GROUP,
     ):
-        self._fs, self._root = _resolve(root, filesystem)
+        self._fs, self._root = (filesystem, os.fspath(root).rstrip("/")) if filesystem else filesystem_for(root)
         self._metadata = None if metadata is None else _check_metadata(metadata)
         if rows_per_group < 1:
             raise ProposalCacheError(f"rows_per_group must be >= 1, got {rows_per_group}")
@@ -249,16 +249,6 @@ def _row_locations(path: str, pf: pq.ParquetFile) -> tuple[list[int], list[tuple
     rows = np.arange(len(ids))
     groups = np.searchsorted(starts, rows, side="right") - 1  # row group of each row
     return ids.tolist(), list(zip(groups.tolist(), (rows - starts[groups]).tolist()))
-
-
-def _resolve(root: str | os.PathLike, filesystem: pafs.FileSystem | None) -> tuple[pafs.FileSystem, str]:
-    root = os.fspath(root)
-    if filesystem is not None:
-        return filesystem, root.rstrip("/")
-    if "://" in root:
-        fs, path = pafs.FileSystem.from_uri(root)
-        return fs, path.rstrip("/")
-    return pafs.LocalFileSystem(), os.path.abspath(root)
 
 
 def _check_metadata(metadata: Mapping[str, str]) -> dict[str, str]:
