@@ -3,6 +3,7 @@ detection models. Pure torch/torchvision: no file I/O, no Ray, no MLflow."""
 from .ga_rpn import GARPN
 from .head import GuidedAnchorHead
 from .layers import FeatureAdaption, MaskedConv2d
+from .precomputed import FastRCNN, PrecomputedProposals
 from .proposals import Proposals
 from .proposer import Proposer, ProposerConfig, build_proposal_network, build_proposer, load_state_dict_checked
 from .rpn import HeadOutputs, ProposalNetworkBase, ScoredRPN, build_rpn
@@ -10,10 +11,12 @@ from .targets import location_targets, shape_targets
 
 __all__ = [
     "GARPN",
+    "FastRCNN",
     "FeatureAdaption",
     "GuidedAnchorHead",
     "HeadOutputs",
     "MaskedConv2d",
+    "PrecomputedProposals",
     "ProposalNetworkBase",
     "Proposals",
     "Proposer",
