@@ -4,6 +4,7 @@ each with its MLflow run, its output committed to the store with the manifest wr
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 import traceback
@@ -36,8 +37,13 @@ class Outcome:
 
 
 def node_params(cfg: PipelineConfig, step: Step) -> dict:
-    """MLflow params of a node run: its keyed config slice, flattened (``proposer.backbone``, ...)."""
-    return {"node": step.node.id, **flatten(keyed_slice(cfg, step.node))}
+    """MLflow params of a node run: its keyed config slice, flattened under the same names as the
+    parent run's params (``proposer.backbone``; a slice that is a whole config section, like the
+    data node's ``DataConfig``, under its section name: ``data.seed``)."""
+    keyed = keyed_slice(cfg, step.node)
+    sliced = config_slice(cfg, step.node)
+    section = next((f.name for f in dataclasses.fields(cfg) if getattr(cfg, f.name) is sliced), None)
+    return {"node": step.node.id, **flatten({section: keyed} if section else keyed)}
 
 
 def execute(

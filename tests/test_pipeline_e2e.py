@@ -67,6 +67,7 @@ def test_mlflow_records(smoke_run):
     assert "config.yaml" in {a.path for a in client.list_artifacts(parent.info.run_id)}
     by_node = {r.data.tags["node"]: r for r in children}
     assert set(by_node) == NODES and all(r.data.tags["cache_hit"] == "false" for r in children)
+    assert by_node["data"].data.params["data.synthetic"] == "smoke"  # the parent run's param names
     train = by_node["train/ga_rpn"]
     assert train.data.params["proposer.kind"] == "ga_rpn" and train.data.tags["cache_key"]
     assert [m.step for m in client.get_metric_history(train.info.run_id, "loss")] == [1, 2]  # per epoch, rank 0
