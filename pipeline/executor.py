@@ -87,11 +87,10 @@ class RayExecutor:
                 logging_config=LoggingConfig(log_level="INFO" if self.verbose else "WARNING"),
             ),
         )
-        result = trainer.fit()
-        if result.checkpoint is not None:
-            with result.checkpoint.as_directory() as d:
-                return torch.load(Path(d, CHECKPOINT_FILE), map_location="cpu", weights_only=True)
-        state = self.newest_checkpoint()  # every epoch was done before a crash: nothing new reported
+        trainer.fit()
+        # The newest checkpoint in the store, not ``result.checkpoint``: when every epoch was done
+        # before a crash, this run reports nothing and Ray's restored snapshot may be older.
+        state = self.newest_checkpoint()
         if state is None:
             raise RuntimeError(f"{self.node_id}: training finished without a checkpoint")
         return state
@@ -107,7 +106,7 @@ class RayExecutor:
                 epochs.append((int(match.group(1)), info.path))
         for epoch, path in sorted(epochs, reverse=True):
             try:
-                with fs.open_input_stream(f"{path}/{CHECKPOINT_FILE}") as f:
+                with fs.open_input_stream(f"{path}/{CHECKPOINT_FILE}", compression=None) as f:
                     return torch.load(io.BytesIO(f.read()), map_location="cpu", weights_only=True)
             except (OSError, RuntimeError, EOFError, pickle.UnpicklingError) as e:
                 logger.warning("[%s] skipping the checkpoint of epoch %d, it does not load (%s)", self.node_id, epoch, e)

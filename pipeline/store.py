@@ -66,25 +66,35 @@ class ArtifactStore:
 
     def local_dir(self, stage: str, key: str) -> Path:
         """Where a consumer reads node files locally: the node directory itself for a local root,
-        else a download into the local cache, each file's sha256 checked against the manifest."""
+        else a download into the local cache, each file's sha256 checked against the manifest.
+
+        The local copy is named by the store, the key and a digest of the manifest's file list, so
+        a node rebuilt under the same key (``--force``) is fetched again, and tasks on one machine
+        fetching the same node at once never remove a copy another one reads."""
         if self.is_local:
             return Path(self.path(stage, key))
-        dest = self._local_cache / stage / key
-        if not (dest / MANIFEST).exists():
-            manifest = self.read_manifest(stage, key)
-            if manifest is None:
-                raise StoreError(f"{self.uri(stage, key)}: no manifest, the node is not complete")
-            dest.parent.mkdir(parents=True, exist_ok=True)
-            tmp = Path(tempfile.mkdtemp(dir=dest.parent, prefix=f".{key}."))
+        manifest = self.read_manifest(stage, key)
+        if manifest is None:
+            raise StoreError(f"{self.uri(stage, key)}: no manifest, the node is not complete")
+        digest = hashlib.sha256(json.dumps([self.root, manifest["files"]], sort_keys=True).encode()).hexdigest()[:16]
+        dest = self._local_cache / stage / f"{key}-{digest}"
+        if (dest / MANIFEST).exists():
+            return dest
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=dest.parent, prefix=f".{key}."))
+        try:
+            for entry in manifest["files"]:
+                self._download(self.path(stage, key, entry["path"]), tmp / entry["path"], entry)
+            write_json(tmp / MANIFEST, manifest)
             try:
-                for entry in manifest["files"]:
-                    self._download(self.path(stage, key, entry["path"]), tmp / entry["path"], entry)
-                write_json(tmp / MANIFEST, manifest)
-                shutil.rmtree(dest, ignore_errors=True)
-                os.replace(tmp, dest)
-            except BaseException:
-                shutil.rmtree(tmp, ignore_errors=True)
-                raise
+                os.rename(tmp, dest)
+            except OSError:
+                if not (dest / MANIFEST).exists():
+                    raise
+                shutil.rmtree(tmp)  # another task on this machine fetched the same files first
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
         return dest
 
     # ---- node state ------------------------------------------------------------------------
@@ -92,7 +102,7 @@ class ArtifactStore:
     def read_manifest(self, stage: str, key: str) -> dict | None:
         """The node's manifest, or None when there is none (or it is unreadable)."""
         try:
-            with self.fs.open_input_stream(self.path(stage, key, MANIFEST)) as f:
+            with self.fs.open_input_stream(self.path(stage, key, MANIFEST), compression=None) as f:
                 manifest = json.loads(f.read())
         except (FileNotFoundError, json.JSONDecodeError, UnicodeDecodeError):
             return None
@@ -139,14 +149,15 @@ class ArtifactStore:
 
     def upload(self, stage: str, key: str, staging: Path) -> None:
         """Copy what a producer wrote into ``staging`` (from ``prepare``) to the node directory
-        (nothing to do for a local root, where ``staging`` is the node directory)."""
+        and remove ``staging`` (nothing to do for a local root, where it is the node directory)."""
         if self.is_local:
             return
         for path in sorted(p for p in staging.rglob("*") if p.is_file()):
             rel = path.relative_to(staging).as_posix()
             self.fs.create_dir(self.path(stage, key, *rel.split("/")[:-1]), recursive=True)
-            with open(path, "rb") as src, self.fs.open_output_stream(self.path(stage, key, rel)) as dst:
+            with open(path, "rb") as src, self.fs.open_output_stream(self.path(stage, key, rel), compression=None) as dst:
                 shutil.copyfileobj(src, dst, _CHUNK)
+        shutil.rmtree(staging)
 
     def commit(self, stage: str, key: str, record: dict) -> dict:
         """Write the manifest listing every file now in the node directory with its size and
@@ -177,7 +188,7 @@ class ArtifactStore:
 
     def _sha256(self, path: str) -> str:
         digest = hashlib.sha256()
-        with self.fs.open_input_stream(path) as f:
+        with self.fs.open_input_stream(path, compression=None) as f:
             while chunk := f.read(_CHUNK):
                 digest.update(chunk)
         return digest.hexdigest()
@@ -186,7 +197,7 @@ class ArtifactStore:
         """Copy one node file to ``dest``, checking its size and sha256 against the manifest entry."""
         dest.parent.mkdir(parents=True, exist_ok=True)
         digest, size = hashlib.sha256(), 0
-        with self.fs.open_input_stream(src) as f, open(dest, "wb") as out:
+        with self.fs.open_input_stream(src, compression=None) as f, open(dest, "wb") as out:
             while chunk := f.read(_CHUNK):
                 digest.update(chunk)
                 size += len(chunk)

@@ -16,9 +16,9 @@ Files use zstd compression with the BYTE_STREAM_SPLIT encoding for the float col
 about 16 bytes per proposal for float32 boxes + score + level) and row groups of
 ``rows_per_group`` images, so one image is read by decoding one small row group. The Parquet
 schema metadata key ``ga_proposal_cache`` holds ``{"schema_version": 1, "metadata": {...}}``,
-where ``metadata`` is the producer's ``str -> str`` mapping (by convention ``model_key``,
-``image_size`` (the pixel convention of the boxes) and ``config_hash``). JSON and Parquet only:
-nothing is pickled.
+where ``metadata`` is the producer's ``str -> str`` mapping (the proposals stage stamps
+``model_key``, the cache key of the trained model, and ``image_size``, the pixel convention of
+the boxes). JSON and Parquet only: nothing is pickled.
 
 Integrity: completeness and checksums are the artifact store's job. The cache lives inside a
 store node whose manifest, listing every shard with its size and sha256, is written only after

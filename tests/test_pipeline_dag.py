@@ -203,4 +203,26 @@ def test_remote_store_uploads_and_local_dir_verifies_what_it_fetches(tmp_path):
         f.write(b"WEIGHTS")  # same size, other bytes
     with pytest.raises(StoreError, match=r"mock:///store/train/bad/model.pt: downloaded 7 bytes"):
         store.local_dir("train", "bad")
-    assert [p.name for p in (tmp_path / "cache" / "train").iterdir()] == ["k"]  # nothing half-fetched is kept
+    assert [p.name.split("-")[0] for p in (tmp_path / "cache" / "train").iterdir()] == ["k"]  # nothing half-fetched kept
+
+    commit(store, "train", "k", {"model.pt": "rebuilt", "sub/h.json": "{}"})  # --force: same key, new files
+    assert (store.local_dir("train", "k") / "model.pt").read_text() == "rebuilt"
+    assert (fetched / "model.pt").read_text() == "weights"  # a reader of the old copy is not pulled from under
+    staged = store.prepare("train", "s")
+    (staged / "a.txt").write_text("x")
+    store.upload("train", "s", staged)
+    assert not staged.exists()  # staging does not pile up in the local cache
+
+
+def test_plan_checksums_the_inputs_of_nodes_that_run(tmp_path):
+    dag, store = build_dag(), ArtifactStore(tmp_path)
+    keys = keys_for()
+    for node_id in ("data", "train/rpn"):
+        commit(store, dag[node_id].stage.name, keys[node_id], {"model.pt": "weights"})
+    (tmp_path / "train" / keys["train/rpn"] / "model.pt").write_text("WEIGHTS")  # same size, other bytes
+    # train/rpn as a target that nothing reads: sizes match, reused
+    assert [(s.node.id, s.run) for s in make_plan(dag, keys, store, ["train/rpn"])] == [("train/rpn", False)]
+    # proposals/rpn runs and reads train/rpn: its checksum is checked, and it is rebuilt
+    steps = {s.node.id: s for s in make_plan(dag, keys, store, ["proposals/rpn"])}
+    assert steps["train/rpn"].run and "model.pt checksum differs" in steps["train/rpn"].reason
+    assert not steps["data"].run
