@@ -134,8 +134,8 @@ def _run(args, cfg: PipelineConfig, plan, keys, store: ArtifactStore, workdir: P
         outcomes = execute(cfg, plan, store, keys, tracker, verbose=args.verbose)
         ok = all(o.error is None for o in outcomes.values()) and len(outcomes) == len(plan)
         summary_file = _write_summary(workdir, summary_json(outcomes))
-        report = next((store.uri("report", o.key, "report.md") for o in outcomes.values()
-                       if o.stage == "report" and o.error is None), None)
+        report = next((store.uri(o.stage, o.key, o.outputs["report"]) for o in outcomes.values()
+                       if "report" in o.outputs and o.error is None), None)
         tracker.finish_parent(ok, [summary_file] + ([Path(report)] if report and store.is_local else []))
     finally:
         if owns_ray:
