@@ -1,21 +1,18 @@
 """GA-RPN: region proposals from guided anchors (paper Sec. 3), a drop-in replacement for
-torchvision's ``RegionProposalNetwork`` (``FasterRCNN(...).rpn = GARPN(...)``).
+torchvision's ``RegionProposalNetwork`` (``FasterRCNN(...).rpn = GARPN(...)``). The guided
+anchors and the anchor-branch losses are ``AnchorGuidance``'s (shared with GA-RetinaNet).
 
 Shape shorthand: N images, L levels, H_l x W_l grid and A_l = H_l * W_l locations of level l,
-A = sum_l A_l (levels concatenated, row-major within a level), C_s shape channels (2 or 4),
-P sampled positive locations over the batch.
+A = sum_l A_l (levels concatenated, row-major within a level).
 """
 from __future__ import annotations
 
-import torch
 from torch import Tensor
 from torchvision.models.detection.image_list import ImageList
 
-from .anchors import boxes_from_centers, decode_shape, grid_centers
+from .guidance import AnchorGuidance
 from .head import GuidedAnchorHead, LevelOutputs
-from .losses import bounded_iou_shape_loss, center_offset_loss, location_loss
 from .rpn import HeadOutputs, ProposalNetworkBase
-from .targets import approx_anchors, location_targets, sample_shape_positives, shape_targets
 from .validation import check_feature_maps
 
 # Delta-coder stds of the reference for proposals relative to guided anchors (dx, dy, dw, dh).
@@ -38,6 +35,8 @@ class GARPN(ProposalNetworkBase):
         shape_delta_std: scale of the raw shape output before exp (0.14, the reference's shape coder).
         shape_pos_iou, shape_neg_iou, shape_min_pos_iou: the vIoU assigner thresholds (0.7, 0.3, 0.3).
         **kwargs: ProposalNetworkBase knobs (RPN assigner/sampler, pre/post NMS top-n, NMS IoU).
+
+    The anchor settings live in ``self.guidance`` (an ``AnchorGuidance``).
     """
 
     def __init__(
@@ -61,30 +60,26 @@ class GARPN(ProposalNetworkBase):
     ) -> None:
         kwargs.setdefault("box_coder_weights", tuple(1.0 / s for s in PROPOSAL_DELTA_STDS))
         super().__init__(None, head, **kwargs)
-        self.strides = tuple(strides)
         self.loc_threshold = loc_threshold
-        self.approx_samples = approx_samples
-        self.center_ratio = center_ratio
-        self.ignore_ratio = ignore_ratio
-        self.loc_weight = loc_weight
-        self.shape_weight = shape_weight
-        self.octave_base_scale = octave_base_scale
-        self.center_offset = center_offset
-        self.shape_delta_std = shape_delta_std
-        self.shape_thresholds = (shape_pos_iou, shape_neg_iou, shape_min_pos_iou)
+        self.guidance = AnchorGuidance(
+            strides,
+            octave_base_scale=octave_base_scale,
+            approx_samples=approx_samples,
+            center_ratio=center_ratio,
+            ignore_ratio=ignore_ratio,
+            loc_weight=loc_weight,
+            shape_weight=shape_weight,
+            center_offset=center_offset,
+            shape_delta_std=shape_delta_std,
+            shape_pos_iou=shape_pos_iou,
+            shape_neg_iou=shape_neg_iou,
+            shape_min_pos_iou=shape_min_pos_iou,
+        )
 
-    def guided_anchors(self, out: LevelOutputs, stride: int) -> Tensor:
-        """Anchors of one level from its shape prediction: Tensor[N, A_l, 4] xyxy (not detached)."""
-        num_images, _, height, width = out.cls.shape
-        centers = grid_centers(height, width, stride, out.cls.device, self.center_offset)  # [A_l, 2]
-        if out.shape is None:  # no shape branch: fixed square anchors of side sigma * s
-            wh = centers.new_full((num_images, height * width, 2), self.octave_base_scale * stride)
-            return boxes_from_centers(centers.expand(num_images, -1, -1), wh)
-        shape = out.shape.permute(0, 2, 3, 1).reshape(num_images, height * width, -1)  # [N, A_l, C_s]
-        wh = decode_shape(shape[..., -2:], stride, self.octave_base_scale, self.shape_delta_std)
-        if shape.shape[-1] == 4:  # no centre alignment: the branch also moves the centre (in strides)
-            centers = centers + shape[..., :2] * stride
-        return boxes_from_centers(centers.expand(num_images, -1, -1), wh)
+    @property
+    def strides(self) -> tuple[int, ...]:
+        """Stride of each FPN level (the guidance's)."""
+        return self.guidance.strides
 
     def predict(self, images: ImageList, feature_maps: list[Tensor]) -> HeadOutputs:
         """Guided anchors and the head's logits, deltas and (at inference, with the location
@@ -96,7 +91,7 @@ class GARPN(ProposalNetworkBase):
         if all(out.mask is not None for out in outs):
             masks = [out.mask.reshape(num_images, -1) for out in outs]  # [N, H_l, W_l] -> [N, A_l]
         return HeadOutputs(
-            anchors=[self.guided_anchors(out, stride) for out, stride in zip(outs, self.strides)],  # per level [N, A_l, 4]
+            anchors=[self.guidance.anchors(out, stride) for out, stride in zip(outs, self.strides)],  # per level [N, A_l, 4]
             logits=[out.cls.reshape(num_images, -1) for out in outs],  # [N, 1, H_l, W_l] -> [N, A_l]
             deltas=[out.reg.permute(0, 2, 3, 1).reshape(num_images, -1, 4) for out in outs],  # [N, 4, H_l, W_l] -> [N, A_l, 4]
             masks=masks,
@@ -104,43 +99,7 @@ class GARPN(ProposalNetworkBase):
         )
 
     def extra_losses(self, out: HeadOutputs, targets: list[dict[str, Tensor]]) -> dict[str, Tensor]:
-        """loss_anchor_loc (lambda1 * focal loss) and loss_anchor_shape (lambda2 * bounded IoU),
-        for the branches that exist. targets: per image dict(boxes=Tensor[K_i, 4]) in input pixels."""
+        """loss_anchor_loc and loss_anchor_shape (``AnchorGuidance.losses``), for the branches that
+        exist. targets: per image dict(boxes=Tensor[K_i, 4]) in input pixels."""
         outs: list[LevelOutputs] = out.extras
-        gt_boxes = [t["boxes"] for t in targets]
-        sizes = [tuple(level.cls.shape[-2:]) for level in outs]
-        losses = {}
-        if outs[0].loc is not None:
-            args = (sizes, list(self.strides), self.center_ratio, self.ignore_ratio, self.octave_base_scale)
-            per_image = [location_targets(b, *args) for b in gt_boxes]  # per image, per level [H_l, W_l]
-            target = torch.cat([torch.stack([t[l] for t in per_image]).flatten(1) for l in range(len(sizes))], dim=1)  # [N, A]
-            logits = torch.cat([level.loc.flatten(1) for level in outs], dim=1)  # [N, 1, H_l, W_l] -> [N, A]
-            losses["loss_anchor_loc"] = self.loc_weight * location_loss(logits.flatten(), target.flatten())
-        if outs[0].shape is not None:
-            losses["loss_anchor_shape"] = self.shape_weight * self.shape_loss(outs, gt_boxes, sizes)
-        return losses
-
-    def shape_loss(self, outs: list[LevelOutputs], gt_boxes: list[Tensor], sizes: list[tuple[int, int]]) -> Tensor:
-        """Mean bounded-IoU loss (Eq. 6) over the sampled positive locations of the batch
-        (plus the centre-offset loss without centre alignment); 0 when there are none."""
-        device = outs[0].shape.device
-        approx = approx_anchors(
-            sizes, list(self.strides), self.approx_samples, device, self.octave_base_scale, self.center_offset
-        )  # [A, S, 4]
-        assigned = [shape_targets(b, approx, *self.shape_thresholds) for b in gt_boxes]
-        sampled = torch.stack(sample_shape_positives([a.labels for a in assigned]))  # [N, A] bool
-        shape = torch.cat([out.shape.permute(0, 2, 3, 1).flatten(1, 2) for out in outs], dim=1)  # [N, A, C_s]
-        n, a = sampled.nonzero(as_tuple=True)  # P each
-        if n.numel() == 0:
-            return shape.sum() * 0.0
-        strides = torch.cat([shape.new_full((h * w,), s) for (h, w), s in zip(sizes, self.strides)])  # [A]
-        stride = strides[a][:, None]  # [P, 1]
-        matched = torch.stack([t.matched_boxes for t in assigned])[n, a]  # [P, 4]
-        pred = shape[n, a]  # [P, C_s]
-        pred_wh = decode_shape(pred[:, -2:], stride, self.octave_base_scale, self.shape_delta_std)  # [P, 2]
-        loss = bounded_iou_shape_loss(pred_wh, matched[:, 2:] - matched[:, :2])
-        if pred.shape[1] == 4:
-            center = approx[a, 0].view(-1, 2, 2).mean(dim=1)  # [P, 2] location centre
-            target_offset = ((matched[:, :2] + matched[:, 2:]) / 2 - center) / stride
-            loss = loss + center_offset_loss(pred[:, :2], target_offset)
-        return loss.sum() / n.numel()
+        return self.guidance.losses(outs, [t["boxes"] for t in targets])

@@ -21,7 +21,8 @@ class LevelOutputs(NamedTuple):
     loc: Tensor[N, 1, H, W] location logits, or None without the location branch.
     shape: Tensor[N, 2, H, W] (dw, dh), or Tensor[N, 4, H, W] (dx, dy, dw, dh) without centre
         alignment, or None without the shape branch.
-    cls: Tensor[N, 1, H, W] objectness logits; reg: Tensor[N, 4, H, W] box deltas.
+    cls: Tensor[N, K, H, W] logits (K = 1 objectness logit for GA-RPN, K classes for GA-RetinaNet);
+    reg: Tensor[N, 4, H, W] box deltas.
     mask: Tensor[N, H, W] bool of the locations kept at inference, or None (all kept).
     """
 

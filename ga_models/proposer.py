@@ -23,6 +23,10 @@ from .validation import check_box_values, check_images, check_targets
 # Field metadata of a ProposerConfig field used only at inference: it changes proposals, not the
 # trained weights, so a training node's cache key leaves it out.
 INFERENCE_ONLY = {"inference_only": True}
+# Input normalisation (ImageNet statistics, torchvision's detection default) and the padding
+# multiple of the transform (the coarsest FPN stride), shared by every model built here.
+IMAGE_MEAN, IMAGE_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+SIZE_DIVISIBLE = 64
 
 
 @dataclass(frozen=True)
@@ -134,10 +138,14 @@ class Proposer(nn.Module):
         return results
 
 
-def build_proposal_network(cfg: ProposerConfig, in_channels: int, proposals_in_training: bool = True) -> ProposalNetworkBase:
+def build_proposal_network(
+    cfg: ProposerConfig, in_channels: int, proposals_in_training: bool = True, train_post_nms_top_n: int = 2000
+) -> ProposalNetworkBase:
     """The RPN baseline or GA-RPN of cfg, for FPN maps with ``in_channels`` channels
-    (usable on its own, e.g. ``FasterRCNN(...).rpn = build_proposal_network(cfg, 256)``)."""
+    (usable on its own, e.g. ``FasterRCNN(...).rpn = build_proposal_network(cfg, 256)``);
+    ``train_post_nms_top_n`` proposals per image in training (for the detector behind it)."""
     common = dict(
+        train_post_nms_top_n=train_post_nms_top_n,
         pre_nms_top_n=cfg.pre_nms_top_n,
         post_nms_per_level=cfg.post_nms_per_level,
         post_nms_top_n=cfg.post_nms_top_n,
@@ -174,7 +182,7 @@ def build_proposer(cfg: ProposerConfig) -> Proposer:
     """The standalone proposal model of cfg (it computes no proposals in training)."""
     backbone = build_backbone(cfg.backbone, cfg.fpn_channels, cfg.pretrained_backbone, cfg.trainable_backbone_layers)
     transform = GeneralizedRCNNTransform(
-        cfg.min_size, cfg.max_size, image_mean=[0.485, 0.456, 0.406], image_std=[0.229, 0.224, 0.225], size_divisible=64
+        cfg.min_size, cfg.max_size, image_mean=list(IMAGE_MEAN), image_std=list(IMAGE_STD), size_divisible=SIZE_DIVISIBLE
     )
     return Proposer(transform, backbone, build_proposal_network(cfg, backbone.out_channels, proposals_in_training=False))
 

@@ -89,7 +89,7 @@ def _main(args: argparse.Namespace) -> int:
 
     cfg = resolve(args.preset, args.overrides)
     check_paths(cfg.data)
-    dag = build_dag((args.variant,) if args.variant else VARIANTS)
+    dag = build_dag(cfg, (args.variant,) if args.variant else None)
     stage = getattr(args, "stage", None) or ("data" if args.command == "data" else None)
     targets = [n for n in dag if stage is None or dag[n].stage.name == stage]
     force, rerun_from = select(dag, args.force, "--force"), select(dag, args.rerun_from, "--from")
@@ -102,7 +102,7 @@ def _main(args: argparse.Namespace) -> int:
     if args.command == "plan":
         print(f"plan for {args.preset!r}, store {store.root}")
         for step in plan:
-            print(f"  {step.node.id:<22} {step.key[:12]}  {'RUN   ' if step.run else 'cached'}  {step.reason}"
+            print(f"  {step.node.id:<30} {step.key[:12]}  {'RUN   ' if step.run else 'cached'}  {step.reason}"
                   + (f"  <- {', '.join(step.node.deps)}" if step.node.deps else ""))
         _write_summary(workdir, {s.node.id: {**s.manifest.get("metrics", {}), "cached": True}
                                  for s in plan if not s.run}

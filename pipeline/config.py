@@ -7,8 +7,10 @@ Sections and the dataclass each maps onto (no second copy of any field):
     data             stages.data.DataConfig
     proposer         ga_models.ProposerConfig without ``kind`` (set per variant); its
                      ``min_size``/``max_size`` are the size images enter the models at
-    train            stages.train_proposer.TrainConfig
+    train            stages.training.TrainConfig (the proposers' schedule)
     proposals        stages.proposals.ProposalsConfig
+    detector         stages.detection.DetectorsConfig (which detectors, their settings and
+                     schedule: ``detector.train`` is a TrainConfig)
 
 Every error is a ``ConfigError`` (a ValueError) naming the key, e.g. ``train.epochs``.
 """
@@ -24,9 +26,11 @@ from pathlib import Path
 import yaml
 
 from ga_models import ProposerConfig
+from ga_models.detectors import DetectorConfig
 from stages.data import DataConfig
+from stages.detection import DetectorsConfig
 from stages.proposals import ProposalsConfig
-from stages.train_proposer import TrainConfig
+from stages.training import TrainConfig
 
 PRESET_DIR = Path(__file__).with_name("presets")
 VARIANTS = ("rpn", "ga_rpn")  # variant name = ProposerConfig.kind
@@ -46,16 +50,30 @@ class PipelineConfig:
     proposer: ProposerConfig = field(default_factory=ProposerConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     proposals: ProposalsConfig = field(default_factory=ProposalsConfig)
+    detector: DetectorsConfig = field(default_factory=DetectorsConfig)
 
     def __post_init__(self) -> None:
         if not self.name or any(c in self.name for c in "/\\"):
             raise ConfigError(f"name: must be a non-empty string without slashes, got {self.name!r}")
+        for variant in (*self.detector.variants, *self.detector_finetune_variants()):
+            try:
+                self.detector_for(variant)
+            except ValueError as e:
+                raise ConfigError(f"detector: {variant}: {e}") from None
 
     def proposer_for(self, variant: str) -> ProposerConfig:
         """The full ProposerConfig of a variant (``kind`` = variant)."""
         if variant not in VARIANTS:
             raise ConfigError(f"unknown variant {variant!r} (one of {', '.join(VARIANTS)})")
         return dataclasses.replace(self.proposer, kind=variant)
+
+    def detector_for(self, variant: str) -> DetectorConfig:
+        """The model of a detector variant (``stages.detection``; ``finetune_<source>`` too)."""
+        return self.detector.spec(variant, self.proposer)
+
+    def detector_finetune_variants(self) -> tuple[str, ...]:
+        """The fine-tuned detectors' variant names: ``finetune_<source>``."""
+        return tuple(f"finetune_{source}" for source in self.detector.finetune)
 
 
 def preset_names() -> list[str]:

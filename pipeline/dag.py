@@ -1,8 +1,12 @@
 """The DAG of ``pipeline full``, cache keys, and the plan of what will run and why, all
-derived from the stage table (``pipeline.stage_table.STAGES``)::
+derived from the stage table (``pipeline.stage_table.STAGES``) and the config::
 
     data ──> train/rpn ────> proposals/rpn ────> eval_proposals/rpn ────┐
-        └──> train/ga_rpn ─> proposals/ga_rpn ─> eval_proposals/ga_rpn ─┴─> report
+        └──> train/ga_rpn ─> proposals/ga_rpn ─> eval_proposals/ga_rpn ─┤
+    proposals/* ─> train_detector/fast_rcnn_{rpn,ga_rpn} ─> eval_detector/* ──┤
+    data (+ train/rpn's backbone) ─> train_detector/{faster_rcnn, ga_faster_rcnn,
+                                     retinanet, ga_retinanet} ─> eval_detector/* ─┤
+    train_detector/faster_rcnn + proposals/* ─> finetune/* ─> eval_detector/* ─┴─> report
 
 Cache key of a node = sha256 of (its stage and variant, its config slice as the stage record
 derives it, the stage's fingerprint of external inputs, its inputs' keys, the digest of the
@@ -40,19 +44,26 @@ class Node:
         return self.stage.name if self.variant is None else f"{self.stage.name}/{self.variant}"
 
 
-def build_dag(variants: tuple[str, ...] = VARIANTS) -> dict[str, Node]:
-    """Nodes by id, in topological order (the table's order, variants in the given order)."""
+def build_dag(cfg: PipelineConfig, proposers: tuple[str, ...] | None = None) -> dict[str, Node]:
+    """Nodes by id, in topological order (the table's order, variants in the config's order).
+
+    ``proposers``: keep only these proposer variants (``--variant``); a node whose inputs are
+    then missing is left out too (``stage/*`` dependencies take whichever nodes remain)."""
     nodes: dict[str, Node] = {}
     for stage in STAGES:
-        for variant in (variants if stage.per_variant else (None,)):
+        variants = stage.variants(cfg) if stage.variants else (None,)
+        if proposers is not None and stage.variants and set(stage.variants(cfg)) <= set(VARIANTS):
+            variants = tuple(v for v in variants if v in proposers)
+        for variant in variants:
             deps: list[str] = []
-            for template in stage.deps:
+            for template in stage.deps(cfg, variant):
                 if template.endswith("/*"):
-                    deps += [f"{template[:-2]}/{v}" for v in variants]
+                    deps += [n for n in nodes if n.startswith(template[:-1])]
                 else:
                     deps.append(template.format(variant=variant))
-            node = Node(stage, variant, tuple(deps))
-            nodes[node.id] = node
+            if all(d in nodes for d in deps):
+                node = Node(stage, variant, tuple(deps))
+                nodes[node.id] = node
     return nodes
 
 

@@ -76,7 +76,9 @@ class RayExecutor:
         trainer = TorchTrainer(
             train_loop_per_worker=_train_worker,
             train_loop_config={"loop": loop, "config": config, "executor": self},
-            scaling_config=ScalingConfig(num_workers=self.resources.num_workers, use_gpu=self.resources.num_gpus > 0),
+            scaling_config=ScalingConfig(num_workers=self.resources.num_workers, use_gpu=self.resources.num_gpus > 0,
+                                         resources_per_worker={"CPU": self.resources.num_cpus,
+                                                               **({"GPU": 1} if self.resources.num_gpus > 0 else {})}),
             run_config=RunConfig(
                 name=self.key,
                 storage_path=self.store.uri(RAY_TRAIN_DIR),

@@ -65,7 +65,7 @@ def execute(
                                              dict(step.manifest.get("metrics", {})), dict(step.manifest.get("outputs", {})))
             if tracker:
                 tracker.record_cache_hit(step.node.id, step.key, node_params(cfg, step), step.manifest)
-            logger.info("= %-22s cached (%s)", step.node.id, step.key[:12])
+            logger.info("= %-30s cached (%s)", step.node.id, step.key[:12])
     pending = [s for s in plan if s.run]
     running = {}
     failed = False
@@ -98,7 +98,7 @@ def execute(
 
 def _run_one(cfg, step: Step, store: ArtifactStore, keys, manifests, tracker, verbose) -> tuple[Outcome, dict | None]:
     node, stage = step.node, step.node.stage
-    logger.info("> %-22s running: %s (key %s)", node.id, step.reason, step.key[:12])
+    logger.info("> %-30s running: %s (key %s)", node.id, step.reason, step.key[:12])
     started = time.perf_counter()
     run_id = tracker.start_node(node.id, step.key, node_params(cfg, step)) if tracker else None
     try:
@@ -126,11 +126,11 @@ def _run_one(cfg, step: Step, store: ArtifactStore, keys, manifests, tracker, ve
         seconds = time.perf_counter() - started
         cause = e.cause if isinstance(e, ray.exceptions.RayTaskError) and e.cause is not None else e
         message = f"{type(cause).__name__}: {cause}".splitlines()[0]
-        logger.error("! %-22s FAILED after %.1fs: %s\n%s", node.id, seconds, message, traceback.format_exc())
+        logger.error("! %-30s FAILED after %.1fs: %s\n%s", node.id, seconds, message, traceback.format_exc())
         if tracker:
             tracker.finish_node(run_id, {}, ok=False)
         return Outcome(node.id, stage.name, step.key, False, seconds, error=message), None
-    logger.info("< %-22s done in %s", node.id, _duration(seconds))
+    logger.info("< %-30s done in %s", node.id, _duration(seconds))
     return Outcome(node.id, stage.name, step.key, False, seconds, dict(result.metrics), dict(result.outputs)), manifest
 
 

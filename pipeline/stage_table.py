@@ -5,12 +5,12 @@ summary.json are all derived from it; adding a stage = one ``stages/<name>.py`` 
 A record says:
 - ``module``: the stage module (its ``run`` is called; its import closure is the code hashed
   into the node's cache key, see ``pipeline.code_hash``);
+- ``variants(cfg)``: its nodes' variants (``train/rpn``, ``train/ga_rpn``), or None for one node;
 - ``config(cfg, variant)``: the stage's typed config slice, passed to ``run`` and hashed into
   the key (fields flagged ``affects_result=False`` left out, and, for stages that produce
   trained weights, fields flagged ``inference_only``);
-- ``deps``: the nodes it reads, as templates: ``"data"``, ``"train/{variant}"`` (the same
-  variant), ``"eval_proposals/*"`` (every variant's);
-- ``per_variant``: one node per proposer variant (``train/rpn``, ``train/ga_rpn``) or one node;
+- ``deps(cfg, variant)``: the nodes it reads, as ids or templates: ``"data"``,
+  ``"train/{variant}"`` (the same variant), ``"eval_proposals/*"`` (every node of that stage);
 - ``fingerprint(cfg)``: what its output depends on outside the config (input files' stats);
 - ``key_metrics``: shown in the terminal summary;
 - ``resources(cfg)``: where ``run`` runs and what its parallel work gets (``Resources``).
@@ -23,8 +23,9 @@ from dataclasses import dataclass
 from types import ModuleType
 from typing import Any, Literal
 
-from pipeline.config import PipelineConfig
-from stages import data, eval_proposals, proposals, report, train_proposer
+from pipeline.config import VARIANTS, PipelineConfig
+from stages import data, detection, eval_detector, eval_proposals, finetune, proposals, report, train_detector, train_proposer
+from stages.training import TrainConfig
 
 
 @dataclass(frozen=True)
@@ -45,8 +46,8 @@ class Stage:
     name: str
     module: ModuleType
     config: Callable[[PipelineConfig, str | None], Any]
-    deps: tuple[str, ...] = ()
-    per_variant: bool = False
+    deps: Callable[[PipelineConfig, str | None], tuple[str, ...]] = lambda cfg, v: ()
+    variants: Callable[[PipelineConfig], tuple[str, ...]] | None = None
     trains_weights: bool = False
     fingerprint: Callable[[PipelineConfig], dict] | None = None
     key_metrics: tuple[str, ...] = ()
@@ -61,6 +62,45 @@ def _gpus(cfg: PipelineConfig) -> int:
     return 1 if cfg.train.use_gpu else 0
 
 
+def _proposers(cfg: PipelineConfig) -> tuple[str, ...]:
+    return VARIANTS
+
+
+def _proposal_splits(cfg: PipelineConfig, variant: str) -> tuple[str, ...]:
+    """``val``, and ``train`` when a detector trains on this proposer's cached proposals."""
+    readers = (*cfg.detector.variants, *cfg.detector_finetune_variants())
+    return ("val", "train") if any(detection.proposal_source(v) == variant for v in readers) else ("val",)
+
+
+def _detector_deps(cfg: PipelineConfig, variant: str) -> tuple[str, ...]:
+    """A detector's inputs: the data, the proposals it reads, the model it starts from."""
+    source = detection.proposal_source(variant)
+    deps = ("data",) + ((f"proposals/{source}",) if source else ())
+    if variant.startswith("finetune_"):
+        return (*deps, f"train_detector/{detection.FINETUNE_BASE}")
+    return (*deps, "train/rpn") if cfg.detector.backbone_init == "rpn" else deps
+
+
+def _eval_detector_deps(cfg: PipelineConfig, variant: str) -> tuple[str, ...]:
+    """An evaluation's inputs: the trained model, the data, the val proposals it reads."""
+    model = f"finetune/{variant.removeprefix('finetune_')}" if variant.startswith("finetune_") else f"train_detector/{variant}"
+    source = detection.proposal_source(variant)
+    return (model, "data") + ((f"proposals/{source}",) if source else ())
+
+
+def _training(t: TrainConfig) -> Resources:
+    return Resources("driver", num_cpus=t.cpus_per_worker, num_gpus=1 if t.use_gpu else 0, num_workers=t.num_workers,
+                     max_failures=t.max_failures)
+
+
+def _inference(cfg: PipelineConfig) -> Resources:
+    return Resources("driver", num_cpus=cfg.proposals.cpus_per_task, num_gpus=_gpus(cfg))
+
+
+def _evaluated_detectors(cfg: PipelineConfig) -> tuple[str, ...]:
+    return (*cfg.detector.variants, *cfg.detector_finetune_variants())
+
+
 STAGES: tuple[Stage, ...] = (
     Stage(
         "data", data,
@@ -69,27 +109,46 @@ STAGES: tuple[Stage, ...] = (
         key_metrics=("num_train_images", "num_val_images"),
     ),
     Stage(
-        "train", train_proposer, per_variant=True, deps=("data",), trains_weights=True,
+        "train", train_proposer, variants=_proposers, deps=lambda cfg, v: ("data",), trains_weights=True,
         config=lambda cfg, v: train_proposer.TrainProposerConfig(cfg.proposer_for(v), cfg.train),
         key_metrics=("loss", "train_seconds"),
-        resources=lambda cfg: Resources("driver", num_gpus=_gpus(cfg), num_workers=cfg.train.num_workers,
-                                        max_failures=cfg.train.max_failures),
+        resources=lambda cfg: _training(cfg.train),
     ),
     Stage(
-        "proposals", proposals, per_variant=True, deps=("train/{variant}", "data"),
-        config=lambda cfg, v: proposals.ProposalsStageConfig(cfg.proposer_for(v), cfg.proposals),
+        "proposals", proposals, variants=_proposers, deps=lambda cfg, v: ("train/{variant}", "data"),
+        config=lambda cfg, v: proposals.ProposalsStageConfig(cfg.proposer_for(v), cfg.proposals, _proposal_splits(cfg, v)),
         key_metrics=("anchors_per_image", "seconds_per_image"),
-        resources=lambda cfg: Resources("driver", num_gpus=_gpus(cfg)),
+        resources=_inference,
     ),
     Stage(
-        "eval_proposals", eval_proposals, per_variant=True, deps=("proposals/{variant}", "data"),
+        "eval_proposals", eval_proposals, variants=_proposers, deps=lambda cfg, v: ("proposals/{variant}", "data"),
         config=lambda cfg, v: eval_proposals.EvalProposalsConfig(eval_proposals.VARIANT_LABELS.get(v, v)),
         key_metrics=("AR_100", "AR_300", "AR_1000"),
     ),
     Stage(
-        "report", report, deps=("eval_proposals/*",),
-        config=lambda cfg, v: report.ReportConfig(cfg.data, cfg.proposer, cfg.train),
-        key_metrics=tuple(f"gap_{m}" for m in report.GAP_METRICS),
+        "train_detector", train_detector, variants=lambda cfg: cfg.detector.variants, deps=_detector_deps, trains_weights=True,
+        config=lambda cfg, v: train_detector.TrainDetectorConfig(cfg.detector_for(v), cfg.detector.train),
+        key_metrics=("loss", "train_seconds"),
+        resources=lambda cfg: _training(cfg.detector.train),
+    ),
+    Stage(
+        "finetune", finetune, variants=lambda cfg: cfg.detector.finetune, trains_weights=True,
+        deps=lambda cfg, v: _detector_deps(cfg, f"finetune_{v}"),
+        config=lambda cfg, v: train_detector.TrainDetectorConfig(cfg.detector_for(f"finetune_{v}"), cfg.detector.finetune_schedule()),
+        key_metrics=("loss", "train_seconds"),
+        resources=lambda cfg: _training(cfg.detector.train),
+    ),
+    Stage(
+        "eval_detector", eval_detector, variants=_evaluated_detectors,
+        deps=_eval_detector_deps,
+        config=lambda cfg, v: eval_detector.EvalDetectorConfig(cfg.detector_for(v), cfg.proposals),
+        key_metrics=("AP", "AP50", "AP75"),
+        resources=_inference,
+    ),
+    Stage(
+        "report", report, deps=lambda cfg, v: ("eval_proposals/*", "eval_detector/*"),
+        config=lambda cfg, v: report.ReportConfig(cfg.data, cfg.proposer, cfg.train, cfg.detector.train),
+        key_metrics=(*(f"gap_{m}" for m in report.GAP_METRICS), *(f"gap_AP_{n}" for n in report.AP_GAPS)),
     ),
 )
 STAGE_NAMES: tuple[str, ...] = tuple(s.name for s in STAGES)

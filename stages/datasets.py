@@ -4,7 +4,8 @@ Shape shorthand: K boxes of one image; h x w the image as stored.
 
 ``CocoDetection(ann_file, image_root, ...)[i]`` -> ``(image float32[3, h, w] in [0, 1], target)``
 with ``target`` = ``boxes float32[K, 4]`` (xyxy, original pixels), ``labels int64[K]``
-(category ids), ``image_id int64[]``. The dataset does not resize: the model's transform
+(category ids), ``image_id int64[]``, ``hflipped bool[]`` (whether the sample was flipped, so
+that per-image data kept elsewhere, such as cached proposals, can be flipped alike). The dataset does not resize: the model's transform
 (torchvision's ``GeneralizedRCNNTransform``) does, and maps its outputs back to these pixels.
 
 The annotation file is read by ``stages.coco.load_coco`` (the reader the evaluation uses too) and
@@ -77,13 +78,15 @@ class CocoDetection(Dataset):
         rec = self._records[index]
         image = self._read_image(rec)  # [3, h, w]
         boxes = torch.from_numpy(rec.boxes.copy())  # [K, 4]
-        if self.train and torch.rand(()).item() < self.hflip_prob:
+        flip = self.train and torch.rand(()).item() < self.hflip_prob
+        if flip:
             image = image.flip(-1)
             boxes = torch.stack([rec.width - boxes[:, 2], boxes[:, 1], rec.width - boxes[:, 0], boxes[:, 3]], dim=1)  # [K, 4]
         target = {
             "boxes": boxes,
             "labels": torch.from_numpy(rec.labels.copy()),  # [K]
             "image_id": torch.tensor(rec.image_id, dtype=torch.int64),
+            "hflipped": torch.tensor(flip),
         }
         return image, target
 

@@ -37,7 +37,7 @@ def run(cfg: EvalProposalsConfig, inputs: Mapping[str, Input], out: Output, exec
     prop_dir = proposals.local_dir()
     stats = json.loads((prop_dir / proposals.outputs["stats"]).read_text())
     ann_file = data.local_dir() / data.outputs["splits"]["val"]["ann_file"]
-    metrics = evaluate(ann_file, prop_dir / proposals.outputs["cache"], out.dir, stats["num_anchors"], stats["seconds"], cfg.label)
+    metrics = evaluate(ann_file, prop_dir / proposals.outputs["caches"]["val"], out.dir, stats["num_anchors"], stats["seconds"], cfg.label)
     return StageResult(metrics, {"plots": list(PLOTS)}, (*PLOTS, "metrics.json"))
 
 

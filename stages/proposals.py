@@ -1,10 +1,11 @@
-"""Proposals stage: run a trained proposer over the val split and write every image's proposals
-to the Parquet proposal cache (``stages.proposal_cache``), boxes in original image pixels.
+"""Proposals stage: run a trained proposer over the val split (and, for the detectors trained on
+precomputed proposals, the train split) and write every image's proposals to a Parquet proposal
+cache per split (``stages.proposal_cache``), boxes in original image pixels.
 
-The images are split into ``num_shards`` contiguous shards; the executor runs one
+The images of each split are cut into ``num_shards`` contiguous shards; the executor runs one
 ``propose_shard`` call per shard (a Ray task each in the pipeline), which writes its shard of
-the cache straight into the node's store directory. The stage then aggregates the per-image
-statistics (anchor counts, seconds) into ``stats.json`` and its metrics.
+the split's cache straight into the node's store directory. The stage then aggregates the val
+images' statistics (anchor counts, seconds) into ``stats.json`` and its metrics.
 
 Shape shorthand: B images per batch; K proposals of one image.
 """
@@ -15,7 +16,7 @@ import logging
 import statistics
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -28,34 +29,46 @@ from stages.io import write_json
 from stages.proposal_cache import ProposalCache
 
 logger = logging.getLogger(__name__)
-CACHE_DIR = "cache"
+CACHE_DIR = "cache"  # the split's cache is CACHE_DIR/<split>
 STATS_FILE = "stats.json"
+SPLITS = ("val", "train")
 
 
 @dataclass(frozen=True)
 class ProposalsConfig:
-    """``num_shards`` cache shards (one inference task each), ``batch_size`` images per forward."""
+    """``num_shards`` shards of a split (one inference task each, here and in the detector
+    evaluations), ``batch_size`` images per forward, ``cpus_per_task`` CPUs each task reserves
+    (below 1 lets tasks share a core: tiny test runs)."""
 
     num_shards: int = 2
     batch_size: int = 4
+    cpus_per_task: float = field(default=1.0, metadata={"affects_result": False})
 
     def __post_init__(self) -> None:
         for name in ("num_shards", "batch_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"proposals.{name} must be >= 1, got {getattr(self, name)}")
+        if not self.cpus_per_task > 0:
+            raise ValueError(f"proposals.cpus_per_task must be > 0, got {self.cpus_per_task}")
 
 
 @dataclass(frozen=True)
 class ProposalsStageConfig:
-    """The proposals stage's config: the (trained) model's config and the sharding."""
+    """The proposals stage's config: the (trained) model's config, the sharding, and the splits
+    to propose for (``val`` always; ``train`` when a detector trains on the proposals)."""
 
     proposer: ProposerConfig
     proposals: ProposalsConfig
+    splits: tuple[str, ...] = ("val",)
+
+    def __post_init__(self) -> None:
+        if "val" not in self.splits or not set(self.splits) <= set(SPLITS):
+            raise ValueError(f"splits must include 'val' and be among {SPLITS}, got {list(self.splits)}")
 
 
 @dataclass(frozen=True)
 class ShardJob:
-    """One shard: images ``indices`` of the val split, written as cache shard ``shard_id``."""
+    """One shard: images ``indices`` of a split, written as shard ``shard_id`` of the cache at ``cache_uri``."""
 
     cfg: ProposalsStageConfig
     data: Input
@@ -68,29 +81,36 @@ class ShardJob:
 
 
 def run(cfg: ProposalsStageConfig, inputs: Mapping[str, Input], out: Output, executor: Executor) -> StageResult:
-    """Propose for every val image; outputs ``{"cache": "cache", "stats": "stats.json"}``.
+    """Propose for every image of ``cfg.splits``; outputs ``{"caches": {split: "cache/<split>"},
+    "stats": "stats.json"}`` (``stats``: the val images').
 
-    Metrics: ``num_images``, ``anchors_per_image`` (mean anchors the model evaluated),
-    ``seconds_per_image`` (mean model forward time)."""
+    Metrics: ``num_images`` (val), ``anchors_per_image`` (mean anchors the model evaluated),
+    ``seconds_per_image`` (mean model forward time), both over the val images."""
     data, train = only(inputs, "data"), only(inputs, "train")
-    split = data.outputs["splits"]["val"]
-    num_images = len(open_split(data.local_dir(), split))
-    shards = shard_ranges(num_images, cfg.proposals.num_shards)
     metadata = {"model_key": train.key, "image_size": "original image pixels (xyxy)"}
-    cache_uri = f"{out.uri}/{CACHE_DIR}"
-    logger.info("proposals of %s: %d images in %d shard(s)", train.node_id, num_images, len(shards))
-    jobs = [ShardJob(cfg, data, train, split, tuple(r), cache_uri, f"shard-{i:04d}", metadata) for i, r in enumerate(shards)]
+    jobs, job_splits, num_val = [], [], 0
+    for split_name in cfg.splits:
+        split = data.outputs["splits"][split_name]
+        num_images = len(open_split(data.local_dir(), split))
+        num_val = num_images if split_name == "val" else num_val
+        shards = shard_ranges(num_images, cfg.proposals.num_shards)
+        cache_uri = f"{out.uri}/{CACHE_DIR}/{split_name}"
+        logger.info("proposals of %s on %s: %d images in %d shard(s)", train.node_id, split_name, num_images, len(shards))
+        jobs += [ShardJob(cfg, data, train, split, tuple(r), cache_uri, f"shard-{i:04d}", metadata) for i, r in enumerate(shards)]
+        job_splits += [split_name] * len(shards)
     stats: dict[str, list[float]] = {"image_ids": [], "num_anchors": [], "seconds": []}
-    for part in executor.map(propose_shard, jobs):
-        for k in stats:
-            stats[k].extend(part[k])
+    for split_name, part in zip(job_splits, executor.map(propose_shard, jobs)):
+        if split_name == "val":
+            for k in stats:
+                stats[k].extend(part[k])
     write_json(out.dir / STATS_FILE, stats)
     metrics = {
-        "num_images": float(num_images),
+        "num_images": float(num_val),
         "anchors_per_image": statistics.fmean(stats["num_anchors"]),
         "seconds_per_image": statistics.fmean(stats["seconds"]),
     }
-    return StageResult(metrics, {"cache": CACHE_DIR, "stats": STATS_FILE})
+    caches = {split: f"{CACHE_DIR}/{split}" for split in cfg.splits}
+    return StageResult(metrics, {"caches": caches, "stats": STATS_FILE})
 
 
 def propose_shard(job: ShardJob, device: torch.device) -> dict[str, list[float]]:
@@ -137,10 +157,10 @@ def write_shard(
     items, stats = [], {"image_ids": [], "num_anchors": [], "seconds": []}
     for images, targets in loader:
         images = [im.to(device) for im in images]
-        _sync(device)
+        sync_device(device)
         started = time.perf_counter()
         outputs = model(images)
-        _sync(device)
+        sync_device(device)
         per_image = (time.perf_counter() - started) / len(images)
         for out, target in zip(outputs, targets):
             image_id = int(target["image_id"])
@@ -153,7 +173,7 @@ def write_shard(
     return stats
 
 
-def _sync(device: torch.device) -> None:
+def sync_device(device: torch.device) -> None:
     """Wait for queued GPU work so that timings measure it."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)

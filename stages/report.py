@@ -1,6 +1,7 @@
 """Report stage: a Markdown report that puts the measured proposal recall of RPN and GA-RPN
-next to the paper's Table 1 (COCO, ResNet-50-FPN; numbers from docs/ga-reference.md), with
-each model's recall plots, and the GA-RPN minus RPN gaps as metrics."""
+next to the paper's Table 1, and the measured detection AP of the detectors next to Tables 2 and
+3 (COCO, ResNet-50-FPN; numbers from docs/ga-reference.md), with each model's recall plots, and
+the GA minus baseline gaps as metrics."""
 
 from __future__ import annotations
 
@@ -14,9 +15,11 @@ from pathlib import Path
 from ga_models import ProposerConfig
 from stages.contract import Executor, Input, Output, StageResult
 from stages.data import DataConfig
+from stages.detection import LABELS as DETECTOR_LABELS
 from stages.eval_proposals import VARIANT_LABELS
 from stages.io import atomic_write
-from stages.train_proposer import TrainConfig
+from stages.metrics import DETECTION_STATS
+from stages.training import TrainConfig
 
 AR_COLUMNS = ("AR_100", "AR_300", "AR_1000", "AR_S", "AR_M", "AR_L")
 # Paper Table 1 (COCO val, R-50-FPN), percent; s/img on the authors' GPU.
@@ -29,6 +32,20 @@ PAPER_TABLE1: dict[str, dict[str, float]] = {
     )
 }
 GAP_METRICS = ("AR_100", "AR_1000")
+# Paper Table 2 (COCO test-dev AP, R-50-FPN): (baseline, GA) variant pairs and their AP.
+PAPER_TABLE2: dict[str, float] = {
+    "fast_rcnn_rpn": 37.1, "fast_rcnn_ga_rpn": 39.4,
+    "faster_rcnn": 37.1, "ga_faster_rcnn": 39.8,
+    "retinanet": 35.9, "ga_retinanet": 37.1,
+}
+TABLE2_PAIRS = (("fast_rcnn_rpn", "fast_rcnn_ga_rpn"), ("faster_rcnn", "ga_faster_rcnn"), ("retinanet", "ga_retinanet"))
+# Paper Table 3 (COCO val AP): a trained Faster R-CNN, and it fine-tuned on RPN / GA-RPN proposals.
+PAPER_TABLE3: dict[str, float] = {"faster_rcnn": 37.4, "finetune_rpn": 37.3, "finetune_ga_rpn": 39.6}
+# report metric gap_AP_<name> = AP of the GA row minus AP of the baseline row
+AP_GAPS: dict[str, tuple[str, str]] = {
+    "fast_rcnn": TABLE2_PAIRS[0], "faster_rcnn": TABLE2_PAIRS[1], "retinanet": TABLE2_PAIRS[2],
+    "finetune": ("finetune_rpn", "finetune_ga_rpn"),
+}
 
 
 @dataclass(frozen=True)
@@ -38,13 +55,17 @@ class ReportConfig:
     data: DataConfig
     proposer: ProposerConfig
     train: TrainConfig
+    detector_train: TrainConfig
 
 
 def run(cfg: ReportConfig, inputs: Mapping[str, Input], out: Output, executor: Executor) -> StageResult:
-    """``report.md`` (+ ``plots/``) from every ``eval_proposals`` input; metrics
-    ``gap_AR_100``/``gap_AR_1000`` (GA-RPN minus RPN) when both variants are there."""
-    results, plots = {}, {}
+    """``report.md`` (+ ``plots/``) from every ``eval_proposals`` and ``eval_detector`` input;
+    metrics ``gap_AR_100``/``gap_AR_1000`` (GA-RPN minus RPN) and ``gap_AP_<detector>`` (GA
+    minus baseline, see ``AP_GAPS``) for the pairs that are both there."""
+    results, plots, detections = {}, {}, {}
     for inp in inputs.values():
+        if inp.stage == "eval_detector":
+            detections[inp.variant] = {**inp.metrics, "run_id": inp.manifest.get("run_id")}
         if inp.stage != "eval_proposals":
             continue
         results[inp.variant] = dict(inp.metrics)
@@ -54,13 +75,20 @@ def run(cfg: ReportConfig, inputs: Mapping[str, Input], out: Output, executor: E
             rel = f"plots/{inp.variant}_{name}"
             shutil.copyfile(inp.local_dir() / name, out.dir / rel)
             plots[inp.variant][name.removesuffix(".png")] = rel
-    write_report(out.dir / "report.md", render(results, plots, describe_setting(cfg)))
+    text = render(results, plots, describe_setting(cfg))
+    if detections:
+        text += "\n" + render_detection_tables(detections, describe_detector_setting(cfg))
+    write_report(out.dir / "report.md", text)
     metrics = {}
     if "rpn" in results and "ga_rpn" in results:
         for m in GAP_METRICS:
             a, b = results["ga_rpn"].get(m), results["rpn"].get(m)
             if _finite(a) and _finite(b):
                 metrics[f"gap_{m}"] = a - b
+    for name, (base, guided) in AP_GAPS.items():
+        a, b = detections.get(guided, {}).get("AP"), detections.get(base, {}).get("AP")
+        if _finite(a) and _finite(b):
+            metrics[f"gap_AP_{name}"] = a - b
     return StageResult(metrics, {"report": "report.md"}, ("report.md", "plots"))
 
 
@@ -74,6 +102,46 @@ def describe_setting(cfg: ReportConfig) -> str:
     t = cfg.train
     return (f"{dataset}, images resized to {cfg.proposer.min_size}/{cfg.proposer.max_size}, {cfg.proposer.backbone} backbone, "
             f"{t.epochs} epochs x {t.num_workers} worker(s) x {t.batch_size} images, {'GPU' if t.use_gpu else 'CPU'}")
+
+
+def describe_detector_setting(cfg: ReportConfig) -> str:
+    """One line: the detectors' schedule and start."""
+    t = cfg.detector_train
+    return (f"{t.epochs} epochs x {t.num_workers} worker(s) x {t.batch_size} images at lr {t.lr:g} "
+            f"(x0.1 at epochs {', '.join(map(str, t.lr_steps)) or 'none'}), {cfg.proposer.backbone} backbone, "
+            f"images resized to {cfg.proposer.min_size}/{cfg.proposer.max_size}")
+
+
+def render_detection_tables(detections: Mapping[str, Mapping[str, float]], setting: str) -> str:
+    """Markdown of paper Tables 2 and 3 with the measured rows; ``detections``: eval_detector
+    variant -> its metrics (AP, AP50, ... as fractions) and ``run_id`` (its MLflow run). A row this
+    run did not produce is shown as not run."""
+    header = "| | " + " | ".join(c.replace("_", "") for c in DETECTION_STATS) + " | paper AP (COCO) | MLflow run |"
+    rule = "|---" * (len(DETECTION_STATS) + 3) + "|"
+
+    def row(variant: str, paper: float) -> str:
+        metrics = detections.get(variant)
+        cells = [_pct(metrics.get(c)) for c in DETECTION_STATS] if metrics else ["not run"] + [""] * (len(DETECTION_STATS) - 1)
+        run_id = (metrics or {}).get("run_id")
+        return f"| {DETECTOR_LABELS[variant]} | " + " | ".join(cells) + f" | {paper:.1f} | {f'`{run_id}`' if run_id else ''} |"
+
+    def gap(base: str, guided: str, paper: Mapping[str, float]) -> str:
+        measured = _gap(detections.get(guided, {}).get("AP"), detections.get(base, {}).get("AP"))
+        paper_gap = paper[guided] - paper[base]
+        return f"{DETECTOR_LABELS[guided]} minus {DETECTOR_LABELS[base]}, AP: measured {measured}, paper {paper_gap:+.1f} points."
+
+    lines = ["## Table 2: detectors with and without guided anchoring", "",
+             f"Measured: {setting}; COCO box AP in percent on the val set (the paper's: COCO test-dev).", "", header, rule]
+    for base, guided in TABLE2_PAIRS:
+        lines += [row(base, PAPER_TABLE2[base]), row(guided, PAPER_TABLE2[guided])]
+    lines.append("")
+    lines += [gap(base, guided, PAPER_TABLE2) for base, guided in TABLE2_PAIRS] + [""]
+    lines += ["## Table 3: fine-tuning a trained Faster R-CNN on cached proposals", "",
+              "The trained Faster R-CNN's RPN replaced by cached proposals, then fine-tuned (lr / 10 after each epoch).",
+              "", header, rule]
+    lines += [row(v, p) for v, p in PAPER_TABLE3.items()] + [""]
+    lines += [gap("finetune_rpn", "finetune_ga_rpn", PAPER_TABLE3), ""]
+    return "\n".join(lines)
 
 
 def render(

@@ -65,7 +65,7 @@ def test_sample_contents_at_original_size(make):
     assert (ds.num_skipped, ds.num_clipped, ds.num_areas_filled) == (0, 0, 0)
     assert isinstance(ds.coco, COCO) and sorted(ds.coco.getAnnIds()) == [10, 11]
     image, t = ds[0]
-    assert set(t) == {"boxes", "labels", "image_id"}
+    assert set(t) == {"boxes", "labels", "image_id", "hflipped"} and not t["hflipped"]
     assert image.shape == (3, H1, W1) and image.dtype == torch.float32
     assert torch.allclose(image[:, 5, 0], torch.tensor([1.0, 0.0, 0.0]))
     assert torch.allclose(image[:, 0, 0], torch.full((3,), 100 / 255))
@@ -101,7 +101,7 @@ def test_horizontal_flip_maps_boxes_and_pixels(make):
     # width 40: x1' = 40 - x2, x2' = 40 - x1; y unchanged
     assert torch.equal(t["boxes"], torch.tensor([[26.0, 2.0, 36.0, 8.0], [16.5, 1.5, 19.5, 5.5]]))
     assert t["boxes"].dtype == torch.float32
-    assert torch.equal(t["labels"], ref["labels"])
+    assert torch.equal(t["labels"], ref["labels"]) and t["hflipped"] and not ref["hflipped"]
     # the red pixel at (row 5, column 0) of the original is now at (row 5, column 39)
     assert torch.allclose(image[:, 5, W1 - 1], torch.tensor([1.0, 0.0, 0.0]))
 
@@ -114,7 +114,7 @@ def test_flip_of_empty_image_keeps_empty_boxes(make):
 def test_no_flip_when_probability_zero_or_eval(make):
     for ds in (make(train=True, hflip_prob=0.0), make(train=False, hflip_prob=1.0)):
         _, t = ds[0]
-        assert torch.equal(t["boxes"][0], torch.tensor([4.0, 2.0, 14.0, 8.0]))
+        assert torch.equal(t["boxes"][0], torch.tensor([4.0, 2.0, 14.0, 8.0])) and not t["hflipped"]
 
 
 def test_crowd_boxes_excluded_from_targets(make):

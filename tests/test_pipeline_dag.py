@@ -17,10 +17,18 @@ from pipeline.store import MANIFEST, ArtifactStore, StoreError
 
 ALL = ["data", "train/rpn", "train/ga_rpn", "proposals/rpn", "proposals/ga_rpn",
        "eval_proposals/rpn", "eval_proposals/ga_rpn", "report"]
+# The proposal half of the DAG: the tests below that do not concern the detectors leave them out.
+NO_DETECTORS = ["detector.variants=[]", "detector.finetune=[]"]
+CFG = resolve("smoke", NO_DETECTORS)
+
+
+def build(*overrides, proposers=None):
+    return build_dag(resolve("smoke", [*NO_DETECTORS, *overrides]), proposers)
 
 
 def keys_for(*overrides):
-    return cache_keys(resolve("smoke", list(overrides)), build_dag())
+    cfg = resolve("smoke", [*NO_DETECTORS, *overrides])
+    return cache_keys(cfg, build_dag(cfg))
 
 
 def changed(*overrides):
@@ -29,14 +37,14 @@ def changed(*overrides):
 
 
 def test_dag_shape():
-    dag = build_dag()
+    dag = build()
     assert list(dag) == ALL
     assert dag["train/ga_rpn"].deps == ("data",)
     assert dag["proposals/rpn"].deps == ("train/rpn", "data")
     assert dag["report"].deps == ("eval_proposals/rpn", "eval_proposals/ga_rpn")
     assert descendants(dag, {"train/rpn"}) == {"train/rpn", "proposals/rpn", "eval_proposals/rpn", "report"}
-    assert list(build_dag(("ga_rpn",))) == ["data", "train/ga_rpn", "proposals/ga_rpn", "eval_proposals/ga_rpn", "report"]
-    assert build_dag(("ga_rpn",))["report"].deps == ("eval_proposals/ga_rpn",)
+    assert list(build(proposers=("ga_rpn",))) == ["data", "train/ga_rpn", "proposals/ga_rpn", "eval_proposals/ga_rpn", "report"]
+    assert build(proposers=("ga_rpn",))["report"].deps == ("eval_proposals/ga_rpn",)
 
 
 def test_keys_are_stable_and_distinct():
@@ -93,7 +101,7 @@ EVALS = {"eval_proposals/rpn", "eval_proposals/ga_rpn", "report"}
     ("pipeline/tracking.py", set()),
 ])
 def test_editing_a_module_rekeys_exactly_the_nodes_that_import_it_and_downstream(source_copy, module, expected):
-    cfg, dag = resolve("smoke"), build_dag()
+    cfg, dag = CFG, build_dag(CFG)
     base = cache_keys(cfg, dag, source_copy)
     path = source_copy / module
     original = path.read_bytes()
@@ -159,7 +167,7 @@ def test_node_without_manifest_or_with_damaged_files_is_not_used(tmp_path):
 
 
 def test_plan_reuses_complete_nodes_and_runs_only_what_is_needed(tmp_path):
-    dag, store = build_dag(), ArtifactStore(tmp_path)
+    dag, store = build(), ArtifactStore(tmp_path)
     keys = keys_for()
     plan = make_plan(dag, keys, store, list(dag))
     assert [s.node.id for s in plan] == ALL and all(s.run and s.reason == "no output yet" for s in plan)
@@ -179,7 +187,7 @@ def test_plan_reuses_complete_nodes_and_runs_only_what_is_needed(tmp_path):
 
 
 def test_force_and_from(tmp_path):
-    dag, store = build_dag(), ArtifactStore(tmp_path)
+    dag, store = build(), ArtifactStore(tmp_path)
     keys = keys_for()
     for node_id in dag:
         commit(store, dag[node_id].stage.name, keys[node_id])
@@ -215,7 +223,7 @@ def test_remote_store_uploads_and_local_dir_verifies_what_it_fetches(tmp_path):
 
 
 def test_plan_checksums_the_inputs_of_nodes_that_run(tmp_path):
-    dag, store = build_dag(), ArtifactStore(tmp_path)
+    dag, store = build(), ArtifactStore(tmp_path)
     keys = keys_for()
     for node_id in ("data", "train/rpn"):
         commit(store, dag[node_id].stage.name, keys[node_id], {"model.pt": "weights"})

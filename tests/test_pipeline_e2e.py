@@ -8,8 +8,12 @@ import pytest
 
 from pipeline.__main__ import main
 
+DETECTORS = ("fast_rcnn_rpn", "fast_rcnn_ga_rpn", "faster_rcnn", "ga_faster_rcnn", "retinanet", "ga_retinanet")
 NODES = {"data", "train/rpn", "proposals/rpn", "eval_proposals/rpn",
-         "train/ga_rpn", "proposals/ga_rpn", "eval_proposals/ga_rpn", "report"}
+         "train/ga_rpn", "proposals/ga_rpn", "eval_proposals/ga_rpn", "report",
+         *(f"train_detector/{v}" for v in DETECTORS), "finetune/rpn", "finetune/ga_rpn",
+         *(f"eval_detector/{v}" for v in (*DETECTORS, "finetune_rpn", "finetune_ga_rpn"))}
+AP = ("AP", "AP50", "AP75", "AP_S", "AP_M", "AP_L")
 AR = ("AR_100", "AR_300", "AR_1000", "AR_S", "AR_M", "AR_L")
 
 
@@ -46,13 +50,34 @@ def test_full_smoke_run(smoke_run):
         assert ev["anchors_per_image"] > 0 and ev["seconds_per_image"] > 0
         assert summary[f"train/{variant}"]["epochs"] == 2
     assert summary["data"]["num_train_images"] == 8 and summary["data"]["num_val_images"] == 4
+    for variant in (*DETECTORS, "finetune_rpn", "finetune_ga_rpn"):
+        assert all(summary[f"eval_detector/{variant}"][m] is None or 0 <= summary[f"eval_detector/{variant}"][m] <= 1 for m in AP)
     report = next(workdir.glob("report/*/report.md")).read_text()
     assert "| RPN (measured) |" in report and "| GA-RPN (paper, COCO) | 59.2 |" in report
+    assert "| GA-RetinaNet |" in report and "| Faster R-CNN + fine-tune on GA-RPN proposals |" in report
+    assert "not run" not in report
     assert (workdir / "config.yaml").read_text().startswith("name: ga-smoke")
     for node in NODES:  # every node committed with a manifest naming its MLflow run
         stage = node.split("/")[0]
         manifests = [json.loads(p.read_text()) for p in workdir.glob(f"{stage}/*/manifest.json")]
         assert any(m["node"] == node and m["run_id"] for m in manifests)
+
+
+def manifest(workdir, node):
+    return next(m for m in (json.loads(p.read_text()) for p in workdir.glob(f"{node.split('/')[0]}/*/manifest.json"))
+                if m["node"] == node)
+
+
+def test_finetune_reads_the_ga_rpn_cache_by_key(smoke_run):
+    workdir = smoke_run[0]
+    proposals, finetune = manifest(workdir, "proposals/ga_rpn"), manifest(workdir, "finetune/ga_rpn")
+    assert finetune["inputs"]["proposals/ga_rpn"] == proposals["key"]
+    assert finetune["inputs"]["train_detector/faster_rcnn"] == manifest(workdir, "train_detector/faster_rcnn")["key"]
+    # and that cache was made by the trained GA-RPN: its shards carry the model's key
+    from stages.proposal_cache import ProposalCache
+
+    cache = ProposalCache(workdir / "proposals" / proposals["key"] / proposals["outputs"]["caches"]["train"])
+    assert cache.metadata["model_key"] == manifest(workdir, "train/ga_rpn")["key"]
 
 
 def test_mlflow_records(smoke_run):
@@ -77,6 +102,10 @@ def test_mlflow_records(smoke_run):
     assert {"AR_100", "AR_1000", "AR_S", "anchors_per_image", "seconds_per_image"} <= set(ev.data.metrics)
     assert {"recall_vs_proposals.png", "recall_vs_iou.png"} <= {a.path for a in client.list_artifacts(ev.info.run_id)}
     assert "report.md" in {a.path for a in client.list_artifacts(by_node["report"].info.run_id)}
+    # every detector's evaluation under the same metric names, so the compare view lines them up
+    for variant in (*DETECTORS, "finetune_rpn", "finetune_ga_rpn"):
+        assert set(AP) <= set(by_node[f"eval_detector/{variant}"].data.metrics)
+    assert by_node["train_detector/ga_faster_rcnn"].data.params["detector.rcnn.iou"] == "0.6"
 
 
 def test_rerun_is_fully_cached_and_adds_only_cache_hit_records(smoke_run):
@@ -97,12 +126,11 @@ def test_rerun_is_fully_cached_and_adds_only_cache_hit_records(smoke_run):
 
 def test_changing_an_inference_setting_reruns_only_downstream(smoke_run):
     workdir = smoke_run[0]
-    assert main(["full", "--preset", "smoke", "--workdir", str(workdir), "--set", "proposer.post_nms_top_n=300",
-                 "--variant", "rpn"]) == 0
+    assert main(["run", "eval_proposals", "--preset", "smoke", "--workdir", str(workdir), "--set",
+                 "proposer.post_nms_top_n=300", "--variant", "rpn"]) == 0
     summary = json.loads((workdir / "summary.json").read_text())
     cached = {node: entry["cached"] for node, entry in summary.items()}
-    assert cached == {"data": True, "train/rpn": True, "proposals/rpn": False, "eval_proposals/rpn": False,
-                      "report": False}
+    assert cached == {"data": True, "train/rpn": True, "proposals/rpn": False, "eval_proposals/rpn": False}
 
 
 def test_a_broken_dataset_fails_the_data_node_naming_file_and_id(ray_session, tmp_path, monkeypatch):

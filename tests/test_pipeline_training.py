@@ -14,7 +14,8 @@ from pipeline.executor import RayExecutor
 from pipeline.stage_table import Resources
 from pipeline.store import ArtifactStore
 from stages import synthetic
-from stages.train_proposer import TrainConfig, train_proposer
+from stages.train_proposer import train_proposer
+from stages.training import TrainConfig
 
 cloudpickle.register_pickle_by_value(sys.modules[__name__])  # Ray workers cannot import tests/
 

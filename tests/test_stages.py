@@ -1,21 +1,26 @@
 """Every stage through its one entry point ``run(cfg, inputs, out, executor)``, directly, without
-Ray or MLflow: the smoke chain data -> train -> proposals -> eval_proposals -> report with a
-``LocalExecutor``, each stage reading only what the previous ones returned."""
+Ray or MLflow: the smoke chain data -> train -> proposals -> eval_proposals, the detectors
+(train_detector -> finetune -> eval_detector) -> report with a ``LocalExecutor``, each stage
+reading only what the previous ones returned."""
 
 import json
 
 import numpy as np
+import pyarrow.parquet as pq
 import pytest
 
 from ga_models import ProposerConfig
-from stages import data, eval_proposals, proposals, report, train_proposer
+from stages import data, eval_detector, eval_proposals, finetune, proposals, report, train_detector, train_proposer
 from stages.contract import LocalExecutor, StageResult, local_input, local_output
 from stages.data import DataConfig
+from stages.detection import DetectorsConfig
 from stages.proposal_cache import ProposalCache
-from stages.train_proposer import TrainConfig
+from stages.training import TrainConfig
 
 PROPOSER = ProposerConfig(kind="ga_rpn", min_size=128, max_size=128, fpn_channels=16)
 TRAIN = TrainConfig(epochs=1, batch_size=4, lr=0.01, warmup_iters=1, lr_steps=())
+DETECTORS = DetectorsConfig(representation_size=32, retina_octave_base_scale=2.0, train=TRAIN, finetune_epochs=2)
+SHARDS = proposals.ProposalsConfig(2, 2)
 
 
 def as_input(node_id, out, result: StageResult):
@@ -37,11 +42,25 @@ def chain(tmp_path_factory):
 
     step("data", data, DataConfig(synthetic="smoke"), [])
     step("train/ga_rpn", train_proposer, train_proposer.TrainProposerConfig(PROPOSER, TRAIN), ["data"])
-    step("proposals/ga_rpn", proposals, proposals.ProposalsStageConfig(PROPOSER, proposals.ProposalsConfig(2, 2)),
+    step("proposals/ga_rpn", proposals, proposals.ProposalsStageConfig(PROPOSER, SHARDS, ("val", "train")),
          ["train/ga_rpn", "data"])
     step("eval_proposals/ga_rpn", eval_proposals, eval_proposals.EvalProposalsConfig("GA-RPN"),
          ["proposals/ga_rpn", "data"])
-    step("report", report, report.ReportConfig(DataConfig(synthetic="smoke"), PROPOSER, TRAIN), ["eval_proposals/ga_rpn"])
+    for variant in ("fast_rcnn_ga_rpn", "ga_faster_rcnn", "ga_retinanet"):
+        reads = ["proposals/ga_rpn"] if variant.startswith("fast") else []
+        spec = DETECTORS.spec(variant, PROPOSER)
+        step(f"train_detector/{variant}", train_detector, train_detector.TrainDetectorConfig(spec, TRAIN),
+             ["data", "train/ga_rpn", *reads])
+        step(f"eval_detector/{variant}", eval_detector, eval_detector.EvalDetectorConfig(spec, SHARDS),
+             [f"train_detector/{variant}", "data", *reads])
+    spec = DETECTORS.spec("finetune_ga_rpn", PROPOSER)
+    step("finetune/ga_rpn", finetune, train_detector.TrainDetectorConfig(spec, DETECTORS.finetune_schedule()),
+         ["data", "proposals/ga_rpn", "train_detector/ga_faster_rcnn"])
+    step("eval_detector/finetune_ga_rpn", eval_detector, eval_detector.EvalDetectorConfig(spec, SHARDS),
+         ["finetune/ga_rpn", "data", "proposals/ga_rpn"])
+    step("report", report, report.ReportConfig(DataConfig(synthetic="smoke"), PROPOSER, TRAIN, TRAIN),
+         ["eval_proposals/ga_rpn", "eval_detector/fast_rcnn_ga_rpn", "eval_detector/ga_faster_rcnn",
+          "eval_detector/ga_retinanet", "eval_detector/finetune_ga_rpn"])
     return nodes
 
 
@@ -64,8 +83,10 @@ def test_train_stage(chain):
 
 def test_proposals_stage(chain):
     _, out, result = chain["proposals/ga_rpn"]
-    cache = ProposalCache(out.dir / result.outputs["cache"])
-    assert sorted(cache.image_ids()) == [1, 2, 3, 4] and len(list((out.dir / "cache").rglob("*.parquet"))) == 2
+    cache = ProposalCache(out.dir / result.outputs["caches"]["val"])
+    assert sorted(cache.image_ids()) == [1, 2, 3, 4] and len(list((out.dir / "cache" / "val").glob("*.parquet"))) == 2
+    train = ProposalCache(out.dir / result.outputs["caches"]["train"])  # for the detectors trained on proposals
+    assert sorted(train.image_ids()) == list(range(1, 9)) and len(list((out.dir / "cache" / "train").glob("*.parquet"))) == 2
     boxes, scores, _ = cache.get(1)
     assert boxes.shape[1] == 4 and (np.diff(scores) <= 0).all()
     assert (boxes[:, 2] <= 128).all() and (boxes[:, 3] <= 128).all()  # original image pixels
@@ -82,11 +103,33 @@ def test_eval_proposals_stage(chain):
     assert json.loads((out.dir / "metrics.json").read_text())["AR_1000"] == pytest.approx(result.metrics["AR_1000"])
 
 
+def test_detector_stages(chain):
+    for variant in ("fast_rcnn_ga_rpn", "ga_faster_rcnn", "ga_retinanet"):
+        _, out, result = chain[f"train_detector/{variant}"]
+        assert (out.dir / "model.pt").is_file() and result.outputs["num_classes"] == 6  # category ids 1..5
+        assert np.isfinite(result.metrics["loss"])
+    assert {"loss_anchor_loc", "loss_anchor_shape", "classification"} <= set(chain["train_detector/ga_retinanet"][2].metrics)
+    _, out, result = chain["finetune/ga_rpn"]
+    history = json.loads((out.dir / "history.json").read_text())
+    assert [h["lr"] for h in history] == pytest.approx([0.01, 0.001])  # / 10 after each epoch
+    assert set(history[0]) >= {"loss_classifier", "loss_box_reg"} and "loss_objectness" not in history[0]  # its RPN is gone
+    for variant in ("fast_rcnn_ga_rpn", "ga_faster_rcnn", "ga_retinanet", "finetune_ga_rpn"):
+        _, out, result = chain[f"eval_detector/{variant}"]
+        assert set(result.metrics) >= {"AP", "AP50", "AP75", "AP_S", "AP_M", "AP_L", "seconds_per_image"}
+        assert all(np.isnan(v) or 0 <= v <= 1 for k, v in result.metrics.items() if k.startswith("AP"))
+        table = pq.read_table(out.dir / result.outputs["detections"])
+        assert table.column_names == ["image_id", "x1", "y1", "x2", "y2", "score", "category_id"]
+        assert set(table.column("image_id").to_pylist()) <= {1, 2, 3, 4}
+        assert (table.column("x2").to_numpy() <= 128).all()  # original image pixels
+
+
 def test_report_stage(chain):
     _, out, result = chain["report"]
     text = (out.dir / "report.md").read_text()
     assert "| GA-RPN (measured) |" in text and "synthetic 'smoke' val set" in text
     assert all((out.dir / p).is_file() for p in (f"plots/ga_rpn_{name}" for name in eval_proposals.PLOTS))
+    assert "## Table 2" in text and "| GA-Faster R-CNN |" in text and "| Faster R-CNN | not run |" in text
+    assert "## Table 3" in text and "| Faster R-CNN + fine-tune on GA-RPN proposals |" in text
     assert result.metrics == {}  # gaps need both variants
 
 

@@ -1,0 +1,203 @@
+"""What the detector stages (``train_detector``, ``finetune``, ``eval_detector``) share: the
+pipeline's detector variants and their settings, a detector for a dataset, the cached proposals a
+Fast R-CNN reads, and running a detector over images.
+
+Variants (paper Table 2 and 3):
+
+    fast_rcnn_rpn, fast_rcnn_ga_rpn   Fast R-CNN on the cached proposals of RPN / GA-RPN
+    faster_rcnn, ga_faster_rcnn       Faster R-CNN with the RPN baseline / GA-RPN, end to end
+    retinanet, ga_retinanet           RetinaNet with dense anchors / guided anchors
+    finetune_rpn, finetune_ga_rpn     the trained Faster R-CNN fine-tuned on cached RPN / GA-RPN
+                                      proposals (its RPN replaced by them; Table 3)
+
+Shape shorthand: K detections or proposals of one image.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, Subset
+
+from ga_models import ProposerConfig
+from ga_models.detectors import DetectorConfig, RCNNSettings
+from ga_models.proposer import INFERENCE_ONLY
+from stages.contract import Input
+from stages.datasets import CocoDetection, collate
+from stages.proposal_cache import ProposalCache, ProposalCacheError
+from stages.proposals import sync_device
+from stages.training import StepFn, TrainConfig, default_step
+
+# variant -> (model kind, guided)
+DETECTORS: dict[str, tuple[str, bool]] = {
+    "fast_rcnn_rpn": ("fast_rcnn", False),
+    "fast_rcnn_ga_rpn": ("fast_rcnn", True),
+    "faster_rcnn": ("faster_rcnn", False),
+    "ga_faster_rcnn": ("faster_rcnn", True),
+    "retinanet": ("retinanet", False),
+    "ga_retinanet": ("retinanet", True),
+}
+FINETUNE_BASE = "faster_rcnn"  # the detector the fine-tuning variants start from
+PROPOSAL_SOURCES = ("rpn", "ga_rpn")  # proposer variants whose cached proposals a detector can read
+LABELS = {
+    "fast_rcnn_rpn": "Fast R-CNN (RPN proposals)",
+    "fast_rcnn_ga_rpn": "GA-Fast R-CNN (GA-RPN proposals)",
+    "faster_rcnn": "Faster R-CNN",
+    "ga_faster_rcnn": "GA-Faster R-CNN",
+    "retinanet": "RetinaNet",
+    "ga_retinanet": "GA-RetinaNet",
+    "finetune_rpn": "Faster R-CNN + fine-tune on RPN proposals",
+    "finetune_ga_rpn": "Faster R-CNN + fine-tune on GA-RPN proposals",
+}
+
+
+@dataclass(frozen=True)
+class DetectorsConfig:
+    """The ``detector`` section: which detectors ``pipeline full`` trains, and how.
+
+    ``variants``: the detectors of the module docstring to train and evaluate; ``finetune``: the
+    proposal sources (``rpn``, ``ga_rpn``) to fine-tune the trained ``faster_rcnn`` on.
+    ``backbone_init``: ``rpn`` starts every detector's backbone from the trained RPN baseline's
+    (the same start for GA and baseline detectors; a stand-in for the paper's ImageNet
+    pre-training on machines without it), ``none`` from ``proposer.pretrained_backbone``.
+    ``baseline``/``guided``: the R-CNN settings with RPN / GA-RPN proposals (Table 7's grid).
+    ``train``: the detectors' schedule; fine-tuning takes ``finetune_epochs`` epochs of it at
+    ``train.lr`` with the lr divided by 10 after each epoch and no warm-up.
+    """
+
+    variants: tuple[str, ...] = tuple(DETECTORS)
+    finetune: tuple[str, ...] = PROPOSAL_SOURCES
+    backbone_init: str = "rpn"
+    representation_size: int = 1024
+    retina_octave_base_scale: float = 4.0
+    baseline: RCNNSettings = field(default_factory=RCNNSettings)
+    guided: RCNNSettings = field(default_factory=lambda: RCNNSettings(300, 300, 0.6, 256))
+    score_thresh: float = field(default=0.05, metadata=INFERENCE_ONLY)
+    nms_thresh: float = field(default=0.5, metadata=INFERENCE_ONLY)
+    detections_per_image: int = field(default=100, metadata=INFERENCE_ONLY)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    finetune_epochs: int = 3
+
+    def __post_init__(self) -> None:
+        unknown = [v for v in self.variants if v not in DETECTORS]
+        if unknown or len(set(self.variants)) != len(self.variants):
+            raise ValueError(f"detector.variants: unknown or repeated {unknown or list(self.variants)} (known: {', '.join(DETECTORS)})")
+        if any(s not in PROPOSAL_SOURCES for s in self.finetune) or len(set(self.finetune)) != len(self.finetune):
+            raise ValueError(f"detector.finetune: expected distinct values among {list(PROPOSAL_SOURCES)}, got {list(self.finetune)}")
+        if self.finetune and FINETUNE_BASE not in self.variants:
+            raise ValueError(f"detector.finetune needs '{FINETUNE_BASE}' in detector.variants (it fine-tunes that model)")
+        if self.backbone_init not in ("rpn", "none"):
+            raise ValueError(f"detector.backbone_init must be 'rpn' or 'none', got {self.backbone_init!r}")
+        if self.finetune_epochs < 1:
+            raise ValueError(f"detector.finetune_epochs must be >= 1, got {self.finetune_epochs}")
+
+    def spec(self, variant: str, proposer: ProposerConfig) -> DetectorConfig:
+        """The model of a variant (``finetune_<source>``: the Fast R-CNN it becomes); ``proposer``:
+        the pipeline's proposer section (its backbone, input size and GA settings)."""
+        kind, guided = ("fast_rcnn", variant == "finetune_ga_rpn") if variant.startswith("finetune_") else DETECTORS[variant]
+        two_stage = kind != "retinanet"
+        return DetectorConfig(
+            kind=kind,
+            guided=guided,
+            proposer=dataclasses.replace(proposer, kind="ga_rpn" if guided else "rpn"),
+            rcnn=(self.guided if guided else self.baseline) if two_stage else None,
+            representation_size=self.representation_size if two_stage else DetectorConfig.representation_size,
+            retina_octave_base_scale=self.retina_octave_base_scale if not two_stage else DetectorConfig.retina_octave_base_scale,
+            score_thresh=self.score_thresh,
+            nms_thresh=self.nms_thresh,
+            detections_per_image=self.detections_per_image,
+        )
+
+    def finetune_schedule(self) -> TrainConfig:
+        """``finetune_epochs`` epochs at ``train.lr``, lr / 10 after each epoch, no warm-up."""
+        return dataclasses.replace(self.train, epochs=self.finetune_epochs, lr_steps=tuple(range(1, self.finetune_epochs)),
+                                   warmup_iters=0)
+
+
+def proposal_source(variant: str) -> str | None:
+    """The proposer variant whose cached proposals a detector variant reads (None: none)."""
+    if variant.startswith("finetune_"):
+        return variant.removeprefix("finetune_")
+    kind, guided = DETECTORS[variant]
+    return ("ga_rpn" if guided else "rpn") if kind == "fast_rcnn" else None
+
+
+def num_classes(dataset: CocoDetection) -> int:
+    """Classifier outputs for a dataset: labels are category ids, 0 is background."""
+    return max(dataset.categories) + 1
+
+
+class CachedProposals:
+    """The proposals of one split, read per image from a proposals node's Parquet cache."""
+
+    def __init__(self, node: Input, split: str) -> None:
+        caches = node.outputs.get("caches", {})
+        if split not in caches:
+            raise ValueError(f"{node.node_id} has no proposals for the {split} split (it has: {', '.join(caches) or 'none'})")
+        self.where = f"{node.node_id} ({split} split)"
+        self.cache = ProposalCache(node.local_dir() / caches[split])
+
+    def batch(self, images: Sequence[Tensor], targets: Sequence[Mapping[str, Tensor]]) -> list[dict[str, Tensor]]:
+        """Per image dict(boxes=Tensor[K, 4], scores=Tensor[K]) on the images' device, in the pixels of
+        the image as given (flipped with it when ``target["hflipped"]``)."""
+        out = []
+        for image, target in zip(images, targets):
+            image_id = int(target["image_id"])
+            try:
+                boxes, scores, _ = self.cache.get(image_id)
+            except ProposalCacheError as e:
+                raise ValueError(f"image id {image_id} has no cached proposals in {self.where}: {e}") from None
+            boxes = torch.from_numpy(boxes)  # [K, 4]
+            if bool(target.get("hflipped", False)):
+                width = image.shape[-1]
+                boxes = torch.stack([width - boxes[:, 2], boxes[:, 1], width - boxes[:, 0], boxes[:, 3]], dim=1)
+            out.append({"boxes": boxes.to(image.device), "scores": torch.from_numpy(scores).to(image.device)})
+        return out
+
+
+def training_step(proposals: CachedProposals | None) -> StepFn:
+    """A detector's training forward: torchvision's, plus the batch's cached proposals for one
+    that reads them (Fast R-CNN)."""
+    if proposals is None:
+        return default_step
+
+    def step(model: nn.Module, images: list[Tensor], targets: list[dict[str, Tensor]]) -> dict[str, Tensor]:
+        return default_step(functools.partial(model, proposals=proposals.batch(images, targets)), images, targets)
+
+    return step
+
+
+@torch.inference_mode()
+def detect(
+    model: nn.Module,
+    dataset: CocoDetection,
+    indices: Sequence[int],
+    device: torch.device,
+    batch_size: int,
+    proposals: CachedProposals | None = None,
+) -> tuple[list[tuple[int, np.ndarray, np.ndarray, np.ndarray]], list[float]]:
+    """Detections of ``dataset[i] for i in indices`` (model in eval mode on ``device``): per image
+    ``(image_id, boxes float32[K, 4] xyxy original pixels, scores float32[K], labels int64[K])``, and
+    the model's forward seconds per image (a batch's time divided evenly over its images)."""
+    loader = DataLoader(Subset(dataset, list(indices)), batch_size=batch_size, shuffle=False, collate_fn=collate)
+    detections, seconds = [], []
+    for images, targets in loader:
+        images = [im.to(device) for im in images]
+        extra = {"proposals": proposals.batch(images, targets)} if proposals is not None else {}
+        sync_device(device)
+        started = time.perf_counter()
+        outputs = model(images, **extra)
+        sync_device(device)
+        per_image = (time.perf_counter() - started) / len(images)
+        for out, target in zip(outputs, targets):
+            detections.append((int(target["image_id"]), out["boxes"].float().cpu().numpy(), out["scores"].float().cpu().numpy(),
+                               out["labels"].cpu().numpy().astype(np.int64)))
+            seconds.append(per_image)
+    return detections, seconds

@@ -1,0 +1,154 @@
+"""Every detector of the pipeline (``ga_models.detectors``) through its public contract: one
+training step with torchvision's loss keys plus the GA ones, evaluation output in the image's
+pixels; GA detectors overfit one image; the backbone hand-over from a trained proposer; the
+cached proposals a Fast R-CNN reads (per image id, flipped with the image, a missing id named)."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from ga_models import ProposerConfig, build_proposer
+from ga_models.detectors import DetectorConfig, RCNNSettings, backbone_parts, build_detector, load_backbone
+from stages.contract import local_input
+from stages.detection import CachedProposals
+from stages.metrics import evaluate_detections
+from stages.proposal_cache import ProposalCache
+
+PROPOSER = dict(min_size=96, max_size=128, fpn_channels=16, octave_base_scale=4.0)
+RCNN = {False: RCNNSettings(200, 100, 0.5, 64), True: RCNNSettings(50, 50, 0.6, 32)}
+TORCHVISION_KEYS = {
+    "fast_rcnn": {"loss_classifier", "loss_box_reg"},
+    "faster_rcnn": {"loss_classifier", "loss_box_reg", "loss_objectness", "loss_rpn_box_reg"},
+    "retinanet": {"classification", "bbox_regression"},
+}
+GA_KEYS = {"loss_anchor_loc", "loss_anchor_shape"}
+NUM_CLASSES = 3  # labels 1, 2
+
+
+def config(kind, guided, **proposer):
+    return DetectorConfig(kind, guided, ProposerConfig(kind="ga_rpn" if guided else "rpn", **{**PROPOSER, **proposer}),
+                          rcnn=None if kind == "retinanet" else RCNN[guided], representation_size=64,
+                          retina_octave_base_scale=2.0)
+
+
+def scene(height=96, width=128):
+    """An image with three flat rectangles (two of class 1, one of class 2) on grey, and its target."""
+    image = torch.full((3, height, width), 0.5)
+    boxes = torch.tensor([[10.0, 12.0, 40.0, 30.0], [60.0, 40.0, 76.0, 88.0], [90.0, 10.0, 120.0, 50.0]])
+    labels = torch.tensor([1, 1, 2])
+    colours = {1: (0.9, 0.1, 0.1), 2: (0.1, 0.2, 0.9)}
+    for (x1, y1, x2, y2), label in zip(boxes.int().tolist(), labels.tolist()):
+        image[:, y1:y2, x1:x2] = torch.tensor(colours[label])[:, None, None]
+    return image, {"boxes": boxes, "labels": labels}
+
+
+def proposals_around(boxes, seed=0):
+    """Jittered copies of the boxes and random boxes, scored at random: stand-in cached proposals."""
+    g = torch.Generator().manual_seed(seed)
+    jitter = boxes.repeat(20, 1) + torch.randn(20 * len(boxes), 4, generator=g) * 4
+    xy = torch.rand(60, 2, generator=g) * 90
+    random = torch.cat([xy, xy + 8 + torch.rand(60, 2, generator=g) * 30], dim=1)
+    out = torch.cat([jitter, random])
+    out = torch.stack([out[:, 0], out[:, 1], torch.maximum(out[:, 2], out[:, 0] + 1), torch.maximum(out[:, 3], out[:, 1] + 1)], 1)
+    return {"boxes": out, "scores": torch.rand(len(out), generator=g)}
+
+
+@pytest.mark.parametrize("kind", ["fast_rcnn", "faster_rcnn", "retinanet"])
+@pytest.mark.parametrize("guided", [False, True])
+def test_one_training_step_and_evaluation(kind, guided):
+    torch.manual_seed(0)
+    model = build_detector(config(kind, guided), NUM_CLASSES)
+    (a, ta), (b, tb) = scene(), scene(80, 100)
+    tb = {"boxes": tb["boxes"][:1], "labels": tb["labels"][:1]}
+    extra = {"proposals": [proposals_around(ta["boxes"]), proposals_around(tb["boxes"])]} if kind == "fast_rcnn" else {}
+    losses = model([a, b], [ta, tb], **extra)
+    assert set(losses) == TORCHVISION_KEYS[kind] | (GA_KEYS if guided and kind != "fast_rcnn" else set())
+    total = sum(losses.values())
+    assert torch.isfinite(total)
+    total.backward()
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.backbone.parameters())
+    model.eval()
+    with torch.no_grad():
+        outputs = model([a, b], **extra)
+    for out, (h, w) in zip(outputs, [(96, 128), (80, 100)]):
+        boxes = out["boxes"]
+        assert boxes.shape[1] == 4 and len(out["scores"]) == len(boxes) == len(out["labels"])
+        assert (boxes[:, 0] >= 0).all() and (boxes[:, 2] <= w).all() and (boxes[:, 3] <= h).all()
+        assert ((out["scores"] >= 0) & (out["scores"] <= 1)).all()
+        assert ((out["labels"] >= 1) & (out["labels"] < NUM_CLASSES)).all()
+
+
+def coco_of(image_id, target, height, width, path):
+    anns = [{"id": i + 1, "image_id": image_id, "category_id": int(c), "bbox": [x1, y1, x2 - x1, y2 - y1],
+             "area": (x2 - x1) * (y2 - y1), "iscrowd": 0}
+            for i, ((x1, y1, x2, y2), c) in enumerate(zip(target["boxes"].tolist(), target["labels"].tolist()))]
+    path.write_text(json.dumps({"images": [{"id": image_id, "width": width, "height": height, "file_name": "x.png"}],
+                                "annotations": anns, "categories": [{"id": 1, "name": "a"}, {"id": 2, "name": "b"}]}))
+    return path
+
+
+@pytest.mark.parametrize("kind, steps", [("fast_rcnn", 60), ("faster_rcnn", 120)])
+def test_ga_two_stage_detectors_overfit_one_image(kind, steps, tmp_path):
+    """GA-Fast R-CNN (on given proposals) and GA-Faster R-CNN (end to end) learn their own image."""
+    torch.manual_seed(0)
+    image, target = scene()
+    model = build_detector(config(kind, True), NUM_CLASSES)
+    extra = {"proposals": [proposals_around(target["boxes"])]} if kind == "fast_rcnn" else {}
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    for _ in range(steps):
+        loss = sum(model([image], [target], **extra).values())
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    model.eval()
+    with torch.no_grad():
+        out = model([image], **extra)[0]
+    metrics = evaluate_detections(coco_of(1, target, 96, 128, tmp_path / "gt.json"),
+                                  {1: (out["boxes"].numpy(), out["scores"].numpy(), out["labels"].numpy())})
+    assert metrics["AP50"] > 0.5, metrics
+
+
+def test_backbone_from_a_trained_proposer():
+    proposer = build_proposer(ProposerConfig(kind="rpn", **PROPOSER))
+    state = {k: v + 1.0 if v.is_floating_point() else v for k, v in proposer.state_dict().items()}
+    rcnn = build_detector(config("faster_rcnn", True), NUM_CLASSES)
+    cfg = config("retinanet", False)
+    retina = build_detector(cfg, NUM_CLASSES)
+    assert backbone_parts(cfg) == ("body",)  # RetinaNet's P3-P7 FPN differs; its body is the same
+    n_rcnn = load_backbone(rcnn, state, backbone_parts(config("faster_rcnn", True)), "train/rpn")
+    n_retina = load_backbone(retina, state, ("body",), "train/rpn")
+    assert n_rcnn > n_retina > 0
+    for model in (rcnn, retina):
+        own = model.state_dict()
+        assert all(torch.equal(own[k], state[k]) for k in own if k.startswith("backbone.body."))
+    assert torch.equal(rcnn.state_dict()["backbone.fpn.layer_blocks.0.0.weight"], state["backbone.fpn.layer_blocks.0.0.weight"])
+    with pytest.raises(ValueError, match="train/x: cannot initialise the backbone"):
+        load_backbone(rcnn, {k: v for k, v in state.items() if "body" not in k}, ("body",), "train/x")
+
+
+def test_cached_proposals_by_image_id_flipped_with_the_image(tmp_path):
+    boxes = np.array([[10, 20, 30, 60], [0, 0, 5, 5]], np.float32)
+    cache = ProposalCache(tmp_path / "node" / "cache" / "train")
+    cache.write_shard("shard-0000", [(7, boxes, np.array([0.9, 0.1], np.float32), np.zeros(2, np.int8))])
+    node = local_input("proposals/ga_rpn", tmp_path / "node", {"outputs": {"caches": {"train": "cache/train"}}})
+    source = CachedProposals(node, "train")
+    image = torch.zeros(3, 80, 100)
+    plain, flipped = source.batch([image, image], [{"image_id": torch.tensor(7)},
+                                                   {"image_id": torch.tensor(7), "hflipped": torch.tensor(True)}])
+    assert torch.equal(plain["boxes"], torch.from_numpy(boxes)) and torch.equal(plain["scores"], torch.tensor([0.9, 0.1]))
+    assert torch.equal(flipped["boxes"], torch.tensor([[70.0, 20.0, 90.0, 60.0], [95.0, 0.0, 100.0, 5.0]]))  # x -> 100 - x
+    with pytest.raises(ValueError, match=r"image id 8 has no cached proposals in proposals/ga_rpn \(train split\)"):
+        source.batch([image], [{"image_id": torch.tensor(8)}])
+    with pytest.raises(ValueError, match="proposals/ga_rpn has no proposals for the val split"):
+        CachedProposals(node, "val")
+
+
+def test_config_checks():
+    with pytest.raises(ValueError, match="does not match guided"):
+        DetectorConfig("faster_rcnn", True, ProposerConfig(kind="rpn"), RCNNSettings())
+    with pytest.raises(ValueError, match="two-stage detectors only"):
+        DetectorConfig("retinanet", False, ProposerConfig(kind="rpn"), RCNNSettings())
+    with pytest.raises(ValueError, match="num_classes must be >= 2"):
+        build_detector(config("retinanet", True), 1)
