@@ -26,8 +26,8 @@ from torchvision.models.detection.retinanet import RetinaNetHead
 
 from .backbones import RETINA_STRIDES, build_backbone
 from .precomputed import FastRCNN
-from .proposer import IMAGE_MEAN, IMAGE_STD, INFERENCE_ONLY, SIZE_DIVISIBLE, ProposerConfig, build_proposal_network
-from .retinanet import GARetinaNet
+from .proposer import IMAGE_MEAN, IMAGE_STD, INFERENCE_ONLY, SIZE_DIVISIBLE, ProposerConfig, anchor_guidance, build_proposal_network
+from .retinanet import SHAPE_ASSIGNER_IOUS, GARetinaNet
 
 DETECTOR_KINDS = ("fast_rcnn", "faster_rcnn", "retinanet")
 ROI_RESOLUTION = 7
@@ -139,21 +139,9 @@ def _build_retinanet(cfg: DetectorConfig, num_classes: int, transform: dict) -> 
     common = dict(score_thresh=cfg.score_thresh, nms_thresh=cfg.nms_thresh, detections_per_img=cfg.detections_per_image,
                   **transform)
     if cfg.guided:
-        return GARetinaNet(
-            backbone,
-            num_classes,
-            strides=RETINA_STRIDES,
-            octave_base_scale=cfg.retina_octave_base_scale,
-            approx_samples=p.approx_samples,
-            center_ratio=p.center_ratio,
-            ignore_ratio=p.ignore_ratio,
-            loc_threshold=p.loc_threshold,
-            loc_weight=p.loc_weight,
-            shape_weight=p.shape_weight,
-            center_offset=p.anchor_center_offset,
-            shape_delta_std=p.shape_delta_std,
-            **common,
-        )
+        ious = dict(zip(("shape_pos_iou", "shape_neg_iou", "shape_min_pos_iou"), SHAPE_ASSIGNER_IOUS))
+        guidance = anchor_guidance(p, RETINA_STRIDES, octave_base_scale=cfg.retina_octave_base_scale, **ious)
+        return GARetinaNet(backbone, num_classes, guidance, loc_threshold=p.loc_threshold, **common)
     base = cfg.retina_octave_base_scale
     sizes = tuple(tuple(base * s * 2 ** (i / 3) for i in range(3)) for s in RETINA_STRIDES)
     anchors = AnchorGenerator(sizes, ((0.5, 1.0, 2.0),) * len(sizes))

@@ -24,57 +24,25 @@ class GARPN(ProposalNetworkBase):
 
     Args:
         head: the GuidedAnchorHead (its switches decide which branches exist).
-        strides: stride of each FPN level, e.g. (4, 8, 16, 32, 64) for P2-P6.
+        guidance: the anchor settings (strides, sigma, vIoU samples and assigner, sigma1/sigma2,
+            lambda1/lambda2, ...); default ``AnchorGuidance()``, the paper's GA-RPN on P2-P6 (its
+            lambda1 = lambda2 = 1 with the reference's loss normalisation equal the paper's 1, 0.1).
         loc_threshold: eps_L; at inference only locations with p >= eps_L get anchors.
-        approx_samples: K sampled shapes of the vIoU estimate (3, 9 or 15).
-        center_ratio, ignore_ratio: sigma1, sigma2 of the location targets.
-        loc_weight, shape_weight: lambda1, lambda2 of the joint loss (1.0, 1.0 with the reference's
-            loss normalisation, equivalent to the paper's 1.0, 0.1).
-        octave_base_scale: sigma of w = sigma * s * exp(dw) (8).
-        center_offset: anchor centre at ((j + o) s, (i + o) s); 0.5 as in the paper, 0 as in the reference.
-        shape_delta_std: scale of the raw shape output before exp (0.14, the reference's shape coder).
-        shape_pos_iou, shape_neg_iou, shape_min_pos_iou: the vIoU assigner thresholds (0.7, 0.3, 0.3).
         **kwargs: ProposalNetworkBase knobs (RPN assigner/sampler, pre/post NMS top-n, NMS IoU).
-
-    The anchor settings live in ``self.guidance`` (an ``AnchorGuidance``).
     """
 
     def __init__(
         self,
         head: GuidedAnchorHead,
-        strides: tuple[int, ...] = (4, 8, 16, 32, 64),
+        guidance: AnchorGuidance | None = None,
         *,
         loc_threshold: float = 0.01,
-        approx_samples: int = 9,
-        center_ratio: float = 0.2,
-        ignore_ratio: float = 0.5,
-        loc_weight: float = 1.0,
-        shape_weight: float = 1.0,
-        octave_base_scale: float = 8.0,
-        center_offset: float = 0.5,
-        shape_delta_std: float = 0.14,
-        shape_pos_iou: float = 0.7,
-        shape_neg_iou: float = 0.3,
-        shape_min_pos_iou: float = 0.3,
         **kwargs,
     ) -> None:
         kwargs.setdefault("box_coder_weights", tuple(1.0 / s for s in PROPOSAL_DELTA_STDS))
         super().__init__(None, head, **kwargs)
         self.loc_threshold = loc_threshold
-        self.guidance = AnchorGuidance(
-            strides,
-            octave_base_scale=octave_base_scale,
-            approx_samples=approx_samples,
-            center_ratio=center_ratio,
-            ignore_ratio=ignore_ratio,
-            loc_weight=loc_weight,
-            shape_weight=shape_weight,
-            center_offset=center_offset,
-            shape_delta_std=shape_delta_std,
-            shape_pos_iou=shape_pos_iou,
-            shape_neg_iou=shape_neg_iou,
-            shape_min_pos_iou=shape_min_pos_iou,
-        )
+        self.guidance = guidance if guidance is not None else AnchorGuidance()
 
     @property
     def strides(self) -> tuple[int, ...]:

@@ -23,7 +23,7 @@ from .targets import approx_anchors, location_targets, sample_shape_positives, s
 
 @dataclass(frozen=True)
 class AnchorGuidance:
-    """Guided anchors and the anchor-branch losses of one detector.
+    """Guided anchors and the anchor-branch losses of one detector (defaults: GA-RPN's on P2-P6).
 
     strides: stride of each FPN level, e.g. (4, 8, 16, 32, 64) for GA-RPN on P2-P6,
         (8, 16, 32, 64, 128) for GA-RetinaNet on P3-P7.
@@ -38,19 +38,19 @@ class AnchorGuidance:
         (GA-RPN 0.7 / 0.3 / 0.3, GA-RetinaNet 0.5 / 0.4 / 0.4).
     """
 
-    strides: tuple[int, ...]
+    strides: tuple[int, ...] = (4, 8, 16, 32, 64)
     _: KW_ONLY
-    octave_base_scale: float
-    approx_samples: int
-    center_ratio: float
-    ignore_ratio: float
-    loc_weight: float
-    shape_weight: float
-    center_offset: float
-    shape_delta_std: float
-    shape_pos_iou: float
-    shape_neg_iou: float
-    shape_min_pos_iou: float
+    octave_base_scale: float = 8.0
+    approx_samples: int = 9
+    center_ratio: float = 0.2
+    ignore_ratio: float = 0.5
+    loc_weight: float = 1.0
+    shape_weight: float = 1.0
+    center_offset: float = 0.5
+    shape_delta_std: float = 0.14
+    shape_pos_iou: float = 0.7
+    shape_neg_iou: float = 0.3
+    shape_min_pos_iou: float = 0.3
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "strides", tuple(self.strides))

@@ -16,6 +16,7 @@ from torchvision.ops import boxes as box_ops
 from .anchors import APPROX_SHAPE_SETS
 from .backbones import BACKBONES, FPN_STRIDES, build_backbone
 from .ga_rpn import GARPN
+from .guidance import AnchorGuidance
 from .head import GuidedAnchorHead
 from .rpn import ProposalNetworkBase, build_rpn
 from .validation import check_box_values, check_images, check_targets
@@ -162,20 +163,23 @@ def build_proposal_network(
         center_alignment=cfg.center_alignment,
         adaption=cfg.adaption,
     )
-    return GARPN(
-        head,
-        FPN_STRIDES,
-        loc_threshold=cfg.loc_threshold if cfg.use_location else 0.0,
+    return GARPN(head, anchor_guidance(cfg, FPN_STRIDES), loc_threshold=cfg.loc_threshold if cfg.use_location else 0.0, **common)
+
+
+def anchor_guidance(cfg: ProposerConfig, strides: tuple[int, ...], **overrides) -> AnchorGuidance:
+    """The ``AnchorGuidance`` of cfg's GA settings on FPN levels of ``strides``; ``overrides``
+    replace settings a detector has its own of (GA-RetinaNet: sigma, the vIoU assigner)."""
+    settings = dict(
+        octave_base_scale=cfg.octave_base_scale,
         approx_samples=cfg.approx_samples,
         center_ratio=cfg.center_ratio,
         ignore_ratio=cfg.ignore_ratio,
         loc_weight=cfg.loc_weight,
         shape_weight=cfg.shape_weight,
         center_offset=cfg.anchor_center_offset,
-        octave_base_scale=cfg.octave_base_scale,
         shape_delta_std=cfg.shape_delta_std,
-        **common,
     )
+    return AnchorGuidance(tuple(strides), **{**settings, **overrides})
 
 
 def build_proposer(cfg: ProposerConfig) -> Proposer:

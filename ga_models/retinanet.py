@@ -44,6 +44,9 @@ FG_IOU_THRESH = 0.5
 BG_IOU_THRESH = 0.5
 # vIoU assigner of the shape branch for GA-RetinaNet (ga-reference "Targets"): pos, neg, min_pos.
 SHAPE_ASSIGNER_IOUS = (0.5, 0.4, 0.4)
+# GA-RetinaNet's anchor settings: P3-P7, base scale 4, its vIoU assigner; the rest as GA-RPN's.
+RETINA_GUIDANCE = AnchorGuidance((8, 16, 32, 64, 128), octave_base_scale=4.0, shape_pos_iou=SHAPE_ASSIGNER_IOUS[0],
+                                 shape_neg_iou=SHAPE_ASSIGNER_IOUS[1], shape_min_pos_iou=SHAPE_ASSIGNER_IOUS[2])
 
 
 class GARetinaNetHead(nn.Module):
@@ -163,17 +166,14 @@ class GARetinaNet(RetinaNet):
     the classifier is never reported as a detection (torchvision's RetinaNet may report it).
 
     Args:
-        backbone: FPN backbone with ``out_channels``, one map per entry of ``strides``.
+        backbone: FPN backbone with ``out_channels``, one map per entry of ``guidance.strides``.
         num_classes: K, torchvision's convention (largest label + 1; 0 is background).
-        strides: stride of each FPN level (P3-P7 as in the paper).
-        octave_base_scale: sigma of the guided anchors' w = sigma * s * exp(std * dw) (4, RetinaNet's base scale).
-        approx_samples, center_ratio, ignore_ratio, loc_weight, shape_weight, center_offset,
-            shape_delta_std: the ``AnchorGuidance`` settings (see there). shape_delta_std = 0.14 is
-            the reference's GA-RPN anchor coder; its GA-RetinaNet config uses 1.0.
+        guidance: the anchor settings (``AnchorGuidance``); default ``RETINA_GUIDANCE``: P3-P7 as in
+            the paper, sigma = 4 (RetinaNet's base scale), the vIoU assigner 0.5 / 0.4 / 0.4, the
+            rest as GA-RPN's. Its shape_delta_std 0.14 is the reference's GA-RPN anchor coder; its
+            GA-RetinaNet config uses 1.0.
         loc_threshold: eps_L; at inference only locations with sigmoid(loc) >= eps_L get anchors
             (0 = dense: every location, no masking).
-        shape_pos_iou, shape_neg_iou, shape_min_pos_iou: the vIoU assigner of the shape branch,
-            0.5 / 0.4 / 0.4 for GA-RetinaNet.
         **kwargs: ``RetinaNet``'s (min_size, max_size, image_mean, image_std, score_thresh,
             nms_thresh, detections_per_img, fg_iou_thresh, bg_iou_thresh, topk_candidates, and the
             transform's size_divisible), plus ``head`` (a ``GARetinaNetHead``, default one for the
@@ -194,20 +194,9 @@ class GARetinaNet(RetinaNet):
         self,
         backbone: nn.Module,
         num_classes: int,
+        guidance: AnchorGuidance | None = None,
         *,
-        strides: tuple[int, ...] = (8, 16, 32, 64, 128),
-        octave_base_scale: float = 4.0,
-        approx_samples: int = 9,
-        center_ratio: float = 0.2,
-        ignore_ratio: float = 0.5,
         loc_threshold: float = 0.01,
-        loc_weight: float = 1.0,
-        shape_weight: float = 1.0,
-        center_offset: float = 0.5,
-        shape_delta_std: float = 0.14,
-        shape_pos_iou: float = SHAPE_ASSIGNER_IOUS[0],
-        shape_neg_iou: float = SHAPE_ASSIGNER_IOUS[1],
-        shape_min_pos_iou: float = SHAPE_ASSIGNER_IOUS[2],
         **kwargs,
     ) -> None:
         if "anchor_generator" in kwargs:
@@ -228,20 +217,7 @@ class GARetinaNet(RetinaNet):
         self.box_coder = head.box_coder  # one coder encodes the training targets and decodes the detections
         self.num_classes = num_classes
         self.loc_threshold = loc_threshold
-        self.guidance = AnchorGuidance(
-            strides,
-            octave_base_scale=octave_base_scale,
-            approx_samples=approx_samples,
-            center_ratio=center_ratio,
-            ignore_ratio=ignore_ratio,
-            loc_weight=loc_weight,
-            shape_weight=shape_weight,
-            center_offset=center_offset,
-            shape_delta_std=shape_delta_std,
-            shape_pos_iou=shape_pos_iou,
-            shape_neg_iou=shape_neg_iou,
-            shape_min_pos_iou=shape_min_pos_iou,
-        )
+        self.guidance = guidance if guidance is not None else RETINA_GUIDANCE
 
     @property
     def strides(self) -> tuple[int, ...]:

@@ -66,9 +66,14 @@ def _proposers(cfg: PipelineConfig) -> tuple[str, ...]:
     return VARIANTS
 
 
+def _evaluated_detectors(cfg: PipelineConfig) -> tuple[str, ...]:
+    """Every detector variant, the fine-tuned ones (``finetune_<source>``) included."""
+    return (*cfg.detector.variants, *cfg.detector_finetune_variants())
+
+
 def _proposal_splits(cfg: PipelineConfig, variant: str) -> tuple[str, ...]:
     """``val``, and ``train`` when a detector trains on this proposer's cached proposals."""
-    readers = (*cfg.detector.variants, *cfg.detector_finetune_variants())
+    readers = _evaluated_detectors(cfg)
     return ("val", "train") if any(detection.proposal_source(v) == variant for v in readers) else ("val",)
 
 
@@ -95,10 +100,6 @@ def _training(t: TrainConfig) -> Resources:
 
 def _inference(cfg: PipelineConfig) -> Resources:
     return Resources("driver", num_cpus=cfg.proposals.cpus_per_task, num_gpus=_gpus(cfg))
-
-
-def _evaluated_detectors(cfg: PipelineConfig) -> tuple[str, ...]:
-    return (*cfg.detector.variants, *cfg.detector_finetune_variants())
 
 
 STAGES: tuple[Stage, ...] = (

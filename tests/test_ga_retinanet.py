@@ -3,6 +3,7 @@ original pixels), gradients, sparse (masked) inference equal to dense inference 
 locations, batch-size independence, clear errors, and a real learning signal (COCO AP50 on the
 images it was trained on). Tiny backbone, 128 px images."""
 import json
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -12,7 +13,7 @@ from torchvision.ops.feature_pyramid_network import LastLevelP6P7
 
 from ga_models import GARetinaNet, GARetinaNetHead
 from ga_models.backbones import build_backbone, tiny_body
-from ga_models.retinanet import SMOOTH_L1_BETA
+from ga_models.retinanet import RETINA_GUIDANCE, SMOOTH_L1_BETA
 from stages.metrics import evaluate_detections
 
 NUM_CLASSES = 3  # background + 2 classes
@@ -115,7 +116,8 @@ def test_eval_gives_torchvision_detections_in_the_original_pixels():
 
 def test_strides_4_to_64_on_the_p2_p6_backbone():
     torch.manual_seed(0)
-    model = GARetinaNet(build_backbone("tiny", 32), NUM_CLASSES, strides=(4, 8, 16, 32, 64), min_size=128, max_size=128)
+    model = GARetinaNet(build_backbone("tiny", 32), NUM_CLASSES, replace(RETINA_GUIDANCE, strides=(4, 8, 16, 32, 64)),
+                        min_size=128, max_size=128)
     image, target = scene(SCENES[0])
     losses = model.train()([image], [target])
     assert set(losses) == LOSS_KEYS
@@ -231,7 +233,8 @@ def test_bad_setups_and_inputs_raise_clear_errors():
     with pytest.raises(TypeError, match="anchor_generator"):
         model_p3p7(anchor_generator=object())
     image, target = scene(SCENES[0])
-    four_levels = GARetinaNet(p3p7_backbone(), NUM_CLASSES, strides=(8, 16, 32, 64), min_size=128, max_size=128).train()
+    four_levels = GARetinaNet(p3p7_backbone(), NUM_CLASSES, replace(RETINA_GUIDANCE, strides=(8, 16, 32, 64)), min_size=128,
+                              max_size=128).train()
     with pytest.raises(ValueError, match="5 FPN levels but strides has 4"):
         four_levels([image], [target])
     wrong_strides = GARetinaNet(build_backbone("tiny", 32), NUM_CLASSES, min_size=128, max_size=128).train()  # P2-P6 maps, P3-P7 strides

@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from stages.detection import DETECTORS
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -71,12 +73,16 @@ def test_unreachable_ray_address_and_mlflow_uri(tmp_path):
     assert not (tmp_path / "b").exists()
 
 
+DETECTOR_NODES = [f"train_detector/{v}" for v in DETECTORS] + ["finetune/rpn", "finetune/ga_rpn"] + [
+    f"eval_detector/{v}" for v in (*DETECTORS, "finetune_rpn", "finetune_ga_rpn")]
+
+
 def test_plan_lists_every_node_with_key_and_reason(tmp_path):
     proc = cli("plan", "--preset", "smoke", "--workdir", str(tmp_path))
     assert proc.returncode == 0, proc.stderr
     lines = [line.split() for line in proc.stdout.splitlines()[1:]]
     assert [parts[0] for parts in lines] == ["data", "train/rpn", "train/ga_rpn", "proposals/rpn", "proposals/ga_rpn",
-                                             "eval_proposals/rpn", "eval_proposals/ga_rpn", "report"]
+                                             "eval_proposals/rpn", "eval_proposals/ga_rpn", *DETECTOR_NODES, "report"]
     assert all(len(parts[1]) == 12 and parts[2] == "RUN" and "no output yet" in " ".join(parts) for parts in lines)
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["report"] == {"cached": False, "will_run": True, "reason": "no output yet"}
