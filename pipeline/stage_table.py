@@ -148,7 +148,7 @@ STAGES: tuple[Stage, ...] = (
     ),
     Stage(
         "report", report, deps=lambda cfg, v: ("eval_proposals/*", "eval_detector/*"),
-        config=lambda cfg, v: report.ReportConfig(cfg.data, cfg.proposer, cfg.train, cfg.detector.train),
+        config=lambda cfg, v: report.ReportConfig(cfg.data, cfg.proposer, cfg.train, cfg.detector),
         key_metrics=(*(f"gap_{m}" for m in report.GAP_METRICS), *(f"gap_AP_{n}" for n in report.AP_GAPS)),
     ),
 )

@@ -16,6 +16,7 @@ from ga_models import ProposerConfig
 from stages.contract import Executor, Input, Output, StageResult
 from stages.data import DataConfig
 from stages.detection import LABELS as DETECTOR_LABELS
+from stages.detection import DetectorsConfig
 from stages.eval_proposals import VARIANT_LABELS
 from stages.io import atomic_write
 from stages.metrics import DETECTION_STATS
@@ -55,7 +56,7 @@ class ReportConfig:
     data: DataConfig
     proposer: ProposerConfig
     train: TrainConfig
-    detector_train: TrainConfig
+    detector: DetectorsConfig
 
 
 def run(cfg: ReportConfig, inputs: Mapping[str, Input], out: Output, executor: Executor) -> StageResult:
@@ -77,7 +78,7 @@ def run(cfg: ReportConfig, inputs: Mapping[str, Input], out: Output, executor: E
             plots[inp.variant][name.removesuffix(".png")] = rel
     text = render(results, plots, describe_setting(cfg))
     if detections:
-        text += "\n" + render_detection_tables(detections, describe_detector_setting(cfg))
+        text += "\n" + render_detection_tables(detections, describe_detector_setting(cfg), cfg.detector.finetune_epochs)
     write_report(out.dir / "report.md", text)
     metrics = {}
     if "rpn" in results and "ga_rpn" in results:
@@ -106,13 +107,15 @@ def describe_setting(cfg: ReportConfig) -> str:
 
 def describe_detector_setting(cfg: ReportConfig) -> str:
     """One line: the detectors' schedule and start."""
-    t = cfg.detector_train
-    return (f"{t.epochs} epochs x {t.num_workers} worker(s) x {t.batch_size} images at lr {t.lr:g} "
-            f"(x0.1 at epochs {', '.join(map(str, t.lr_steps)) or 'none'}), {cfg.proposer.backbone} backbone, "
-            f"images resized to {cfg.proposer.min_size}/{cfg.proposer.max_size}")
+    t = cfg.detector.train
+    steps = f"x0.1 after epoch(s) {', '.join(map(str, t.lr_steps))}" if t.lr_steps else "no lr steps"
+    start = "the trained RPN's backbone" if cfg.detector.backbone_init == "rpn" else (
+        "ImageNet weights" if cfg.proposer.pretrained_backbone else "random weights")
+    return (f"{t.epochs} epoch(s) x {t.num_workers} worker(s) x {t.batch_size} images at lr {t.lr:g} ({steps}), "
+            f"{cfg.proposer.backbone} backbone from {start}, images resized to {cfg.proposer.min_size}/{cfg.proposer.max_size}")
 
 
-def render_detection_tables(detections: Mapping[str, Mapping[str, float]], setting: str) -> str:
+def render_detection_tables(detections: Mapping[str, Mapping[str, float]], setting: str, finetune_epochs: int) -> str:
     """Markdown of paper Tables 2 and 3 with the measured rows; ``detections``: eval_detector
     variant -> its metrics (AP, AP50, ... as fractions) and ``run_id`` (its MLflow run). A row this
     run did not produce is shown as not run."""
@@ -137,7 +140,8 @@ def render_detection_tables(detections: Mapping[str, Mapping[str, float]], setti
     lines.append("")
     lines += [gap(base, guided, PAPER_TABLE2) for base, guided in TABLE2_PAIRS] + [""]
     lines += ["## Table 3: fine-tuning a trained Faster R-CNN on cached proposals", "",
-              "The trained Faster R-CNN's RPN replaced by cached proposals, then fine-tuned (lr / 10 after each epoch).",
+              f"The trained Faster R-CNN's RPN replaced by cached proposals, then fine-tuned for {finetune_epochs} epoch(s) "
+              "(lr / 10 after each epoch; the paper: 3).",
               "", header, rule]
     lines += [row(v, p) for v, p in PAPER_TABLE3.items()] + [""]
     lines += [gap("finetune_rpn", "finetune_ga_rpn", PAPER_TABLE3), ""]
@@ -148,7 +152,7 @@ def render(
     results: Mapping[str, Mapping[str, float]],
     plots: Mapping[str, Mapping[str, str]],
     setting: str,
-    title: str = "Guided Anchoring: proposal recall",
+    title: str = "Guided Anchoring: reproduction report",
 ) -> str:
     """Markdown text of the report.
 

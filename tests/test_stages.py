@@ -58,7 +58,7 @@ def chain(tmp_path_factory):
          ["data", "proposals/ga_rpn", "train_detector/ga_faster_rcnn"])
     step("eval_detector/finetune_ga_rpn", eval_detector, eval_detector.EvalDetectorConfig(spec, SHARDS),
          ["finetune/ga_rpn", "data", "proposals/ga_rpn"])
-    step("report", report, report.ReportConfig(DataConfig(synthetic="smoke"), PROPOSER, TRAIN, TRAIN),
+    step("report", report, report.ReportConfig(DataConfig(synthetic="smoke"), PROPOSER, TRAIN, DETECTORS),
          ["eval_proposals/ga_rpn", "eval_detector/fast_rcnn_ga_rpn", "eval_detector/ga_faster_rcnn",
           "eval_detector/ga_retinanet", "eval_detector/finetune_ga_rpn"])
     return nodes
@@ -136,3 +136,21 @@ def test_report_stage(chain):
 def test_only_names_the_missing_stage():
     with pytest.raises(ValueError, match="stage 'data'"):
         proposals.run(None, {}, None, LocalExecutor())
+
+
+def test_report_tables_2_and_3_from_detector_metrics(tmp_path):
+    def evaluation(variant, ap):
+        metrics = {"AP": ap, "AP50": ap + 0.2, "AP75": ap, "AP_S": ap, "AP_M": ap, "AP_L": float("nan")}
+        return local_input(f"eval_detector/{variant}", tmp_path, {"metrics": metrics, "run_id": f"run-{variant}"})
+
+    inputs = {f"eval_detector/{v}": evaluation(v, ap) for v, ap in
+              (("faster_rcnn", 0.30), ("ga_faster_rcnn", 0.34), ("finetune_rpn", 0.31), ("finetune_ga_rpn", 0.29))}
+    out = local_output(tmp_path / "report")
+    result = report.run(report.ReportConfig(DataConfig(synthetic="smoke"), PROPOSER, TRAIN, DETECTORS), inputs, out, LocalExecutor())
+    assert result.metrics == pytest.approx({"gap_AP_faster_rcnn": 0.04, "gap_AP_finetune": -0.02})
+    text = (out.dir / "report.md").read_text()
+    assert "| GA-Faster R-CNN | 34.0 | 54.0 | 34.0 | 34.0 | 34.0 | n/a | 39.8 | `run-ga_faster_rcnn` |" in text
+    assert "| RetinaNet | not run |" in text and "| Fast R-CNN (RPN proposals) | not run |" in text
+    assert "GA-Faster R-CNN minus Faster R-CNN, AP: measured +4.0 points, paper +2.7 points." in text
+    assert "fine-tune on RPN proposals, AP: measured -2.0 points, paper +2.3 points." in text
+    assert "fine-tuned for 2 epoch(s)" in text and "backbone from the trained RPN's backbone" in text
