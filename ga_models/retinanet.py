@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import math
 from collections import OrderedDict
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -52,7 +53,8 @@ RETINA_GUIDANCE = AnchorGuidance((8, 16, 32, 64, 128), octave_base_scale=4.0, sh
 class GARetinaNetHead(nn.Module):
     """The GA-RetinaNet head, parameters shared across levels:
 
-    cls tower, reg tower: ``num_convs`` x (3x3 conv C -> C + ReLU) on the level's feature;
+    cls tower, reg tower: ``num_convs`` x (3x3 conv C -> C [+ ``norm_layer``] + ReLU) on the level's
+    feature (no norm in the paper; torchvision's RetinaNet v2 heads use GroupNorm);
     location branch N_L: 1x1 conv (C -> 1) on the cls tower, focal prior bias (p = 0.01);
     shape branch N_S: 1x1 conv (C -> 2, (dw, dh)) on the reg tower;
     two feature adaptions N_T (one per tower), guided by the detached shape prediction;
@@ -78,6 +80,7 @@ class GARetinaNetHead(nn.Module):
         deform_groups: int = 4,
         prior_probability: float = 0.01,
         smooth_l1_beta: float = SMOOTH_L1_BETA,
+        norm_layer: Callable[[int], nn.Module] | None = None,
     ) -> None:
         super().__init__()
         if num_classes < 2:
@@ -87,7 +90,8 @@ class GARetinaNetHead(nn.Module):
         self.box_coder = det_utils.BoxCoder(weights=BOX_CODER_WEIGHTS)
 
         def tower() -> nn.Sequential:
-            return nn.Sequential(*(misc_nn_ops.Conv2dNormActivation(in_channels, in_channels, norm_layer=None) for _ in range(num_convs)))
+            return nn.Sequential(*(misc_nn_ops.Conv2dNormActivation(in_channels, in_channels, norm_layer=norm_layer)
+                                   for _ in range(num_convs)))
 
         self.cls_convs = tower()
         self.reg_convs = tower()
@@ -100,7 +104,8 @@ class GARetinaNetHead(nn.Module):
         convs = [m for m in (*self.cls_convs.modules(), *self.reg_convs.modules()) if isinstance(m, nn.Conv2d)]
         for conv in (*convs, self.conv_loc, self.conv_shape, self.conv_cls, self.conv_reg):
             nn.init.normal_(conv.weight, std=0.01)
-            nn.init.zeros_(conv.bias)
+            if conv.bias is not None:  # a conv followed by a norm has none
+                nn.init.zeros_(conv.bias)
         prior_bias = -math.log((1 - prior_probability) / prior_probability)
         nn.init.constant_(self.conv_loc.bias, prior_bias)
         nn.init.constant_(self.conv_cls.bias, prior_bias)

@@ -67,6 +67,8 @@ class DetectorsConfig:
     ``backbone_init``: ``rpn`` starts every detector's backbone from the trained RPN baseline's
     (the same start for GA and baseline detectors; a stand-in for the paper's ImageNet
     pre-training on machines without it), ``none`` from ``proposer.pretrained_backbone``.
+    ``representation_size``, ``retina_octave_base_scale``, ``retina_group_norm``: see
+    ``ga_models.detectors.DetectorConfig``.
     ``baseline``/``guided``: the R-CNN settings with RPN / GA-RPN proposals (Table 7's grid).
     ``train``: the detectors' schedule; fine-tuning takes ``finetune_epochs`` epochs of it at
     ``train.lr`` with the lr divided by 10 after each epoch and no warm-up.
@@ -77,6 +79,7 @@ class DetectorsConfig:
     backbone_init: str = "rpn"
     representation_size: int = 1024
     retina_octave_base_scale: float = 4.0
+    retina_group_norm: bool = False
     baseline: RCNNSettings = field(default_factory=RCNNSettings)
     guided: RCNNSettings = field(default_factory=lambda: RCNNSettings(300, 300, 0.6, 256))
     score_thresh: float = field(default=0.05, metadata=INFERENCE_ONLY)
@@ -110,6 +113,7 @@ class DetectorsConfig:
             rcnn=(self.guided if guided else self.baseline) if two_stage else None,
             representation_size=self.representation_size if two_stage else DetectorConfig.representation_size,
             retina_octave_base_scale=self.retina_octave_base_scale if not two_stage else DetectorConfig.retina_octave_base_scale,
+            retina_group_norm=self.retina_group_norm and not two_stage,
             score_thresh=self.score_thresh,
             nms_thresh=self.nms_thresh,
             detections_per_image=self.detections_per_image,

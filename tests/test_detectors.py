@@ -3,6 +3,7 @@ training step with torchvision's loss keys plus the GA ones, evaluation output i
 pixels; GA detectors overfit one image; the backbone hand-over from a trained proposer; the
 cached proposals a Fast R-CNN reads (per image id, flipped with the image, a missing id named)."""
 
+import dataclasses
 import json
 
 import numpy as np
@@ -30,7 +31,7 @@ NUM_CLASSES = 3  # labels 1, 2
 def config(kind, guided, **proposer):
     return DetectorConfig(kind, guided, ProposerConfig(kind="ga_rpn" if guided else "rpn", **{**PROPOSER, **proposer}),
                           rcnn=None if kind == "retinanet" else RCNN[guided], representation_size=64,
-                          retina_octave_base_scale=2.0)
+                          retina_octave_base_scale=2.0, retina_group_norm=kind == "retinanet")
 
 
 def scene(height=96, width=128):
@@ -143,6 +144,14 @@ def test_cached_proposals_by_image_id_flipped_with_the_image(tmp_path):
         source.batch([image], [{"image_id": torch.tensor(8)}])
     with pytest.raises(ValueError, match="proposals/ga_rpn has no proposals for the val split"):
         CachedProposals(node, "val")
+
+
+def test_retinanet_heads_with_and_without_group_norm():
+    for guided in (False, True):
+        plain = build_detector(dataclasses.replace(config("retinanet", guided), retina_group_norm=False), NUM_CLASSES)
+        normed = build_detector(config("retinanet", guided), NUM_CLASSES)
+        assert not any(isinstance(m, torch.nn.GroupNorm) for m in plain.head.modules())
+        assert sum(isinstance(m, torch.nn.GroupNorm) for m in normed.head.modules()) == 8  # 4 convs x 2 towers
 
 
 def test_config_checks():
