@@ -71,8 +71,7 @@ def run(cfg: EvalDetectorConfig, inputs: Mapping[str, Input], out: Output, execu
     for shard_detections, shard_seconds in executor.map(detect_shard, jobs):
         detections += shard_detections
         seconds += shard_seconds
-    known = np.array(sorted(dataset.categories))
-    detections = [(i, b[keep], s[keep], c[keep]) for i, b, s, c in detections for keep in [np.isin(c, known)]]
+    detections = [only_categories(d, dataset.categories) for d in detections]
     write_detections(out.dir / DETECTIONS_FILE, detections)
     metrics = evaluate_detections(dataset.coco, {d[0]: d[1:] for d in detections})
     metrics["detections_per_image"] = statistics.fmean(len(d[2]) for d in detections)
@@ -89,6 +88,14 @@ def detect_shard(job: ShardJob, device: torch.device) -> tuple[list, list[float]
     load_state_dict_checked(model, load_weights(job.model), job.model.node_id)
     proposals = CachedProposals(job.proposals, "val") if job.proposals is not None else None
     return detect(model.to(device).eval(), dataset, job.indices, device, job.batch_size, proposals)
+
+
+def only_categories(detection: tuple[int, np.ndarray, np.ndarray, np.ndarray], categories) -> tuple:
+    """One image's ``(image_id, boxes [K, 4], scores [K], labels [K])`` without the detections whose
+    label is not one of ``categories``' ids."""
+    image_id, boxes, scores, labels = detection
+    keep = np.isin(labels, np.asarray(list(categories)))  # [K]
+    return image_id, boxes[keep], scores[keep], labels[keep]
 
 
 def write_detections(path, detections: list[tuple[int, np.ndarray, np.ndarray, np.ndarray]]) -> None:

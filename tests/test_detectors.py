@@ -161,3 +161,12 @@ def test_config_checks():
         DetectorConfig("retinanet", False, ProposerConfig(kind="rpn"), RCNNSettings())
     with pytest.raises(ValueError, match="num_classes must be >= 2"):
         build_detector(config("retinanet", True), 1)
+
+
+def test_evaluation_drops_labels_that_are_no_category_id():
+    """A sigmoid RetinaNet's background slot 0, or a gap in COCO's ids, can come out as a label."""
+    from stages.eval_detector import only_categories
+
+    image_id, boxes, scores, labels = only_categories(
+        (7, np.arange(12, dtype=np.float32).reshape(3, 4), np.array([0.9, 0.5, 0.1]), np.array([0, 2, 5])), {1: "a", 2: "b"})
+    assert image_id == 7 and labels.tolist() == [2] and scores.tolist() == [0.5] and boxes.tolist() == [[4, 5, 6, 7]]
