@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+from pycocotools.coco import COCO
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Subset
 
@@ -133,9 +134,9 @@ def proposal_source(variant: str) -> str | None:
     return ("ga_rpn" if guided else "rpn") if kind == "fast_rcnn" else None
 
 
-def num_classes(dataset: CocoDetection) -> int:
-    """Classifier outputs for a dataset: labels are category ids, 0 is background."""
-    return max(dataset.categories) + 1
+def num_classes(coco: COCO) -> int:
+    """Classifier outputs for an annotation file's categories: labels are category ids, 0 is background."""
+    return max(coco.getCatIds()) + 1
 
 
 class CachedProposals:

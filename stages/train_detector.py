@@ -24,8 +24,9 @@ from torch import nn
 
 from ga_models import load_state_dict_checked
 from ga_models.detectors import DetectorConfig, backbone_parts, build_detector, load_backbone
+from stages.coco import load_coco
 from stages.contract import Executor, Input, Output, StageResult, TrainContext, only
-from stages.datasets import CocoDetection, open_split
+from stages.datasets import CocoDetection
 from stages.detection import CachedProposals, num_classes, training_step
 from stages.io import save_torch, write_json
 from stages.training import TrainConfig, final_metrics, per_epoch_metrics, train_model
@@ -54,8 +55,9 @@ def run(cfg: TrainDetectorConfig, inputs: Mapping[str, Input], out: Output, exec
     state = executor.train(_worker_loop, job)
     save_torch(state["model"], out.dir / "model.pt")
     write_json(out.dir / "history.json", state["history"], indent=1)
-    dataset = open_split(data.local_dir(), data.outputs["splits"]["train"])
-    outputs = {"epochs": state["epoch"], "model": "model.pt", "num_classes": num_classes(dataset)}
+    # the class count the workers built the model with, from the categories alone (no re-validation)
+    classes = num_classes(load_coco(data.local_dir() / data.outputs["splits"]["train"]["ann_file"]))
+    outputs = {"epochs": state["epoch"], "model": "model.pt", "num_classes": classes}
     return StageResult(final_metrics(state["history"]), outputs, ("model.pt", "history.json"), per_epoch_metrics(state["history"]))
 
 
@@ -93,7 +95,7 @@ def _worker_loop(ctx: TrainContext, job: _WorkerJob) -> None:
     data_dir = job.data.local_dir()
     dataset = CocoDetection(data_dir / split["ann_file"], data_dir / split["image_root"], train=True,
                             hflip_prob=job.cfg.schedule.hflip_prob)
-    classes = num_classes(dataset)
+    classes = num_classes(dataset.coco)
     proposals = CachedProposals(job.proposals, "train") if job.proposals is not None else None
 
     def build() -> nn.Module:
