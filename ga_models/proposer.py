@@ -7,7 +7,7 @@ scores Tensor[K], levels Tensor[K] int64, num_anchors Tensor[] int64)]``.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 
 from torch import Tensor, nn
 from torchvision.models.detection.transform import GeneralizedRCNNTransform
@@ -24,6 +24,13 @@ from .validation import check_box_values, check_images, check_targets
 # Field metadata of a ProposerConfig field used only at inference: it changes proposals, not the
 # trained weights, so a training node's cache key leaves it out.
 INFERENCE_ONLY = {"inference_only": True}
+# Field metadata of a setting only GA-RPN reads: the RPN baseline's config carries it at its
+# default (``ProposerConfig.for_kind``), so that sweeping it never re-keys (retrains) the baseline.
+GA_ONLY = {"ga_only": True}
+# The paper's lambda2 (shape-loss weight next to lambda1 = 1) in ``shape_weight`` units: the
+# paper's 0.1 assumes a ~10x larger location loss than the reference's normalisation gives (see
+# ``losses.location_loss``), so its balance is shape_weight = 10 x lambda2.
+SHAPE_WEIGHT_PER_PAPER_LAMBDA2 = 10.0
 # Input normalisation (ImageNet statistics, torchvision's detection default) and the padding
 # multiple of the transform (the coarsest FPN stride), shared by every model built here.
 IMAGE_MEAN, IMAGE_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -45,21 +52,22 @@ class ProposerConfig:
     rpn_anchor_scales: int = 1  # RPN baseline: 1 scale x 3 ratios, or 3 x 3 ("9 anchors")
     octave_base_scale: float = 8.0  # anchor base size / stride, both kinds (sigma of GA); 8 = paper
     # GA-RPN ablation switches (paper Tables 4-6)
-    use_location: bool = True
-    use_shape: bool = True
-    use_feature_adaption: bool = True
-    center_alignment: bool = True
-    adaption: str = "guided"  # "guided" | "plain_deform"
-    loc_threshold: float = field(default=0.01, metadata=INFERENCE_ONLY)  # eps_L
-    approx_samples: int = 9  # K of the vIoU estimate: 3, 9, 15
-    center_ratio: float = 0.2  # sigma1
-    ignore_ratio: float = 0.5  # sigma2
-    # lambda1, lambda2 with the reference's loss normalisation (see losses.location_loss); the
-    # paper's (1, 0.1) assumes a ~10x larger location loss, so (1, 1) is the same balance.
-    loc_weight: float = 1.0
-    shape_weight: float = 1.0
-    anchor_center_offset: float = 0.5  # 0.5 = paper, 0.0 = reference code
-    shape_delta_std: float = 0.14  # w = sigma * s * exp(std * dw); the reference's anchor-shape coder std
+    use_location: bool = field(default=True, metadata=GA_ONLY)
+    use_shape: bool = field(default=True, metadata=GA_ONLY)
+    use_feature_adaption: bool = field(default=True, metadata=GA_ONLY)
+    center_alignment: bool = field(default=True, metadata=GA_ONLY)
+    adaption: str = field(default="guided", metadata=GA_ONLY)  # "guided" | "plain_deform"
+    loc_threshold: float = field(default=0.01, metadata={**INFERENCE_ONLY, **GA_ONLY})  # eps_L
+    approx_samples: int = field(default=9, metadata=GA_ONLY)  # K of the vIoU estimate: 3, 9, 15
+    center_ratio: float = field(default=0.2, metadata=GA_ONLY)  # sigma1
+    ignore_ratio: float = field(default=0.5, metadata=GA_ONLY)  # sigma2
+    # lambda1, lambda2 with the reference's loss normalisation (see SHAPE_WEIGHT_PER_PAPER_LAMBDA2:
+    # the paper's (1, 0.1) is (1, 1) here).
+    loc_weight: float = field(default=1.0, metadata=GA_ONLY)
+    shape_weight: float = field(default=1.0, metadata=GA_ONLY)
+    anchor_center_offset: float = field(default=0.5, metadata=GA_ONLY)  # 0.5 = paper, 0.0 = reference code
+    # w = sigma * s * exp(std * dw); the reference's anchor-shape coder std
+    shape_delta_std: float = field(default=0.14, metadata=GA_ONLY)
     # test-time selection (both kinds)
     pre_nms_top_n: int = field(default=2000, metadata=INFERENCE_ONLY)
     post_nms_per_level: int = field(default=1000, metadata=INFERENCE_ONLY)
@@ -102,6 +110,13 @@ class ProposerConfig:
         for name in ("pre_nms_top_n", "post_nms_per_level", "post_nms_top_n"):
             require(getattr(self, name) > 0, name, "must be > 0")
         require(0 < self.nms_thresh <= 1, "nms_thresh", "must be in (0, 1]")
+
+    def for_kind(self, kind: str) -> ProposerConfig:
+        """This config as a ``kind`` proposer; for the RPN baseline, with every GA-only setting
+        at its default (it reads none of them)."""
+        if kind != "rpn":
+            return replace(self, kind=kind)
+        return replace(self, kind=kind, **{f.name: f.default for f in fields(self) if f.metadata.get("ga_only")})
 
 
 class Proposer(nn.Module):

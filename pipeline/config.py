@@ -65,7 +65,7 @@ class PipelineConfig:
         """The full ProposerConfig of a variant (``kind`` = variant)."""
         if variant not in VARIANTS:
             raise ConfigError(f"unknown variant {variant!r} (one of {', '.join(VARIANTS)})")
-        return dataclasses.replace(self.proposer, kind=variant)
+        return self.proposer.for_kind(variant)
 
     def detector_for(self, variant: str) -> DetectorConfig:
         """The model of a detector variant (``stages.detection``; ``finetune_<source>`` too)."""

@@ -110,7 +110,7 @@ class DetectorsConfig:
         return DetectorConfig(
             kind=kind,
             guided=guided,
-            proposer=dataclasses.replace(proposer, kind="ga_rpn" if guided else "rpn"),
+            proposer=proposer.for_kind("ga_rpn" if guided else "rpn"),
             rcnn=(self.guided if guided else self.baseline) if two_stage else None,
             representation_size=self.representation_size if two_stage else DetectorConfig.representation_size,
             retina_octave_base_scale=self.retina_octave_base_scale if not two_stage else DetectorConfig.retina_octave_base_scale,

@@ -60,9 +60,13 @@ def test_keys_are_stable_and_distinct():
     ("train.epochs=3", set(ALL) - {"data"}),
     # a model setting shared by both variants
     ("proposer.fpn_channels=64", set(ALL) - {"data"}),
-    # an inference-only setting keeps the trained models
-    ("proposer.loc_threshold=0.05", {"proposals/rpn", "eval_proposals/rpn", "proposals/ga_rpn",
-                                     "eval_proposals/ga_rpn", "report"}),
+    # an inference-only GA setting keeps the trained models and the RPN baseline's branch
+    ("proposer.loc_threshold=0.05", {"proposals/ga_rpn", "eval_proposals/ga_rpn", "report"}),
+    # a GA-only training setting re-keys the GA branch only (the baseline carries its default)
+    ("proposer.center_ratio=0.3", {"train/ga_rpn", "proposals/ga_rpn", "eval_proposals/ga_rpn", "report"}),
+    # an inference setting both variants read
+    ("proposer.nms_thresh=0.6", {"proposals/rpn", "eval_proposals/rpn", "proposals/ga_rpn",
+                                 "eval_proposals/ga_rpn", "report"}),
     ("proposals.batch_size=1", {"proposals/rpn", "eval_proposals/rpn", "proposals/ga_rpn",
                                 "eval_proposals/ga_rpn", "report"}),
     # settings that cannot change any result re-key nothing
