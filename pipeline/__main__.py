@@ -26,6 +26,7 @@ commands:
   run STAGE         one stage (all variants, or --variant) and whatever it needs that is not cached
   plan [STAGE]      print the DAG, each node's cache key, and whether it will run or is cached, and why
   data              generate (synthetic) or validate (COCO) the dataset only
+  sweep NAME        a Ray Tune sweep of the paper's ablations (sweep --list), or --grid KEY=V1,V2
 """
 
 
@@ -34,20 +35,21 @@ class UsageError(ValueError):
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--preset", default="default",
-                        help="preset name (default, smoke, coco_r50) or path to a YAML file (default: %(default)s)")
-    common.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a config value, e.g. --set train.epochs=2 (repeatable)")
-    common.add_argument("--workdir", help="work directory: summary.json, config.yaml, mlflow.db (default: ./runs/<preset>)")
-    common.add_argument("--store", help="artifact store root, a path or URI such as s3://bucket/prefix (default: the workdir)")
+    base = argparse.ArgumentParser(add_help=False)
+    base.add_argument("--preset", default="default",
+                      help="preset name (default, smoke, coco_r50) or path to a YAML file (default: %(default)s)")
+    base.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                      help="override a config value, e.g. --set train.epochs=2 (repeatable)")
+    base.add_argument("--workdir", help="work directory: summary.json, config.yaml, mlflow.db (default: ./runs/<preset>)")
+    base.add_argument("--store", help="artifact store root, a path or URI such as s3://bucket/prefix (default: the workdir)")
+    base.add_argument("--verbose", "-v", action="store_true",
+                      help="also show Ray Train's own log lines and every node's debug output")
+    common = argparse.ArgumentParser(add_help=False, parents=[base])
     common.add_argument("--variant", choices=VARIANTS, help="only this variant's branch of the DAG")
     common.add_argument("--force", action="append", default=[], metavar="STAGE",
                         help="re-run STAGE (or node id like train/rpn) even if cached (repeatable)")
     common.add_argument("--from", dest="rerun_from", action="append", default=[], metavar="STAGE",
                         help="re-run STAGE and everything downstream of it (repeatable)")
-    common.add_argument("--verbose", "-v", action="store_true",
-                        help="also show Ray Train's own log lines and every node's debug output")
     parser = argparse.ArgumentParser(prog="pipeline", description=DESCRIPTION,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -57,6 +59,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     plan = sub.add_parser("plan", parents=[common], help="show what would run and why")
     plan.add_argument("stage", nargs="?", choices=STAGE_NAMES)
     sub.add_parser("data", parents=[common], help="generate or validate the dataset only")
+    sweep = sub.add_parser("sweep", parents=[base], help="run a Ray Tune sweep (an ablation of the paper)",
+                           description="Run a named sweep (--list shows them) or an ad-hoc --grid on Ray Tune; every "
+                                       "trial runs the stages it needs, reusing what is cached, and logs to MLflow.")
+    sweep.add_argument("name", nargs="?", help="a named sweep (see --list)")
+    sweep.add_argument("--list", action="store_true", help="list the named sweeps with their trial counts")
+    sweep.add_argument("--seeds", type=int, metavar="N", help="run every grid point with N seeds (mean and spread)")
+    sweep.add_argument("--grid", action="append", default=[], metavar="KEY=V1,V2",
+                       help="sweep a config key over these values (repeatable: the product; with NAME: added axes)")
+    sweep.add_argument("--target", action="append", default=[], metavar="NODE",
+                       help="evaluate these nodes, e.g. eval_proposals/ga_rpn (default: the sweep's own; for --grid, "
+                            "every evaluation the grid changes)")
     return parser.parse_args(argv)
 
 
@@ -87,6 +100,8 @@ def main(argv: list[str] | None = None) -> int:
 def _main(args: argparse.Namespace) -> int:
     from stages.data import check_paths
 
+    if args.command == "sweep":
+        return _sweep(args)
     cfg = resolve(args.preset, args.overrides)
     check_paths(cfg.data)
     dag = build_dag(cfg, (args.variant,) if args.variant else None)
@@ -153,6 +168,54 @@ def _run(args, cfg: PipelineConfig, plan, keys, store: ArtifactStore, workdir: P
         missing = [s.node.id for s in plan if s.node.id not in outcomes]
         print(f"pipeline: error: failed: {', '.join(o.node_id for o in outcomes.values() if o.error)}"
               + (f"; not run: {', '.join(missing)}" if missing else ""), file=sys.stderr)
+    return 0 if ok else 1
+
+
+def _sweep(args: argparse.Namespace) -> int:
+    from pipeline.sweeps import SWEEPS, adhoc_sweep, describe, expand, with_axes
+    from stages.data import check_paths
+
+    if args.list:
+        print(f"sweeps (python -m pipeline sweep NAME [--seeds N] [--grid KEY=V1,V2] [--set KEY=VALUE]):\n{describe()}")
+        return 0
+    if args.name is None and not args.grid:
+        raise UsageError("sweep: name a sweep (python -m pipeline sweep --list shows them) or give --grid KEY=V1,V2")
+    if args.name is not None and args.name not in SWEEPS:
+        raise UsageError(f"sweep {args.name!r}: no such sweep (sweeps: {', '.join(SWEEPS)})")
+    if args.seeds is not None and args.seeds < 1:
+        raise UsageError(f"--seeds {args.seeds}: must be >= 1")
+    sweep = with_axes(SWEEPS[args.name], args.grid) if args.name else adhoc_sweep(args.grid)
+    cfg = resolve(args.preset, args.overrides)
+    check_paths(cfg.data)
+    return _run_sweep(args, sweep, cfg, expand(sweep, cfg.train.seed, args.seeds))
+
+
+def _run_sweep(args, sweep, cfg: PipelineConfig, trials) -> int:
+    from pipeline import runtime, tracking
+    from pipeline.sweep_runner import plan_trials, render, run_sweep, table_rows
+
+    started = time.perf_counter()
+    preset_name = Path(args.preset).stem
+    workdir = Path(args.workdir or Path("runs", preset_name))
+    store = ArtifactStore(args.store or workdir)
+    planned = plan_trials(sweep, trials, args.preset, args.overrides, cfg, args.target)
+    uri = tracking.tracking_uri(workdir)
+    tracking.check_reachable(uri)
+    runtime.check_address()
+    config_file = workdir / "sweeps" / sweep.name / "config.yaml"
+    atomic_write(config_file, to_yaml(cfg).encode())
+    command = " ".join(["pipeline sweep", sweep.name] + [f"--grid {g}" for g in args.grid]
+                       + [f"--target {t}" for t in args.target] + ([f"--seeds {args.seeds}"] if args.seeds else []))
+    tracker = tracking.Tracker(uri, cfg.name, workdir, {"preset": args.preset, "command": command, "git_sha": tracking.git_sha()})
+    ok, table_file = run_sweep(sweep, planned, args.seeds, cfg, store, tracker, workdir, config_file, args.verbose)
+    print()
+    print(render(table_rows(sweep, planned, args.seeds)))
+    print()
+    print(f"total {time.perf_counter() - started:.1f}s; table: {table_file}")
+    print(f"MLflow: {uri}  (mlflow ui --backend-store-uri {uri})")
+    if not ok:
+        failed = [f"{p.trial.point} (seed {p.trial.seed})" for p in planned if p.error]
+        print(f"pipeline: error: {len(failed)} of {len(planned)} trials failed: {', '.join(failed)}", file=sys.stderr)
     return 0 if ok else 1
 
 

@@ -11,6 +11,8 @@ Sections and the dataclass each maps onto (no second copy of any field):
     proposals        stages.proposals.ProposalsConfig
     detector         stages.detection.DetectorsConfig (which detectors, their settings and
                      schedule: ``detector.train`` is a TrainConfig)
+    sweep            SweepConfig (how ``pipeline sweep`` schedules its Ray Tune trials; no node
+                     reads it, so it changes no cache key)
 
 Every error is a ``ConfigError`` (a ValueError) naming the key, e.g. ``train.epochs``.
 """
@@ -44,6 +46,29 @@ class ConfigError(ValueError):
 
 
 @dataclass(frozen=True)
+class SweepConfig:
+    """Ray Tune scheduling of ``pipeline sweep``.
+
+    ``max_concurrent_trials``: trials in flight at once. ``trial_cpus``/``trial_gpus``: what each
+    trial's driver (the Tune function trainable, which only waits on its stages) reserves, more
+    than zero as Ray Tune requires; the stages a trial runs reserve their own
+    (``train.cpus_per_worker``, ``train.use_gpu``, ``proposals.cpus_per_task``), so on a GPU
+    cluster ``max_concurrent_trials`` = the GPU count runs one trial per GPU."""
+
+    max_concurrent_trials: int = 2
+    trial_cpus: float = 0.01
+    trial_gpus: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.max_concurrent_trials < 1:
+            raise ConfigError(f"sweep.max_concurrent_trials: must be >= 1, got {self.max_concurrent_trials}")
+        if self.trial_cpus <= 0:
+            raise ConfigError(f"sweep.trial_cpus: must be > 0 (Ray Tune reserves something per trial), got {self.trial_cpus}")
+        if self.trial_gpus < 0:
+            raise ConfigError(f"sweep.trial_gpus: must be >= 0, got {self.trial_gpus}")
+
+
+@dataclass(frozen=True)
 class PipelineConfig:
     name: str = "guided-anchoring"
     data: DataConfig = field(default_factory=DataConfig)
@@ -51,6 +76,7 @@ class PipelineConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     proposals: ProposalsConfig = field(default_factory=ProposalsConfig)
     detector: DetectorsConfig = field(default_factory=DetectorsConfig)
+    sweep: SweepConfig = field(default_factory=SweepConfig)
 
     def __post_init__(self) -> None:
         if not self.name or any(c in self.name for c in "/\\"):
@@ -99,22 +125,33 @@ def load_preset(preset: str) -> dict:
     return raw
 
 
-def apply_override(raw: dict, assignment: str) -> None:
-    """Apply one ``a.b=v`` (``v`` parsed as YAML: ``2``, ``0.1``, ``true``, ``null``, ``[8, 11]``)."""
+def parse_assignment(assignment: str, option: str = "--set") -> tuple[str, str]:
+    """``"a.b=text"`` -> ``("a.b", "text")``; a ConfigError naming ``option`` when malformed."""
     key, sep, text = assignment.partition("=")
     key = key.strip()
     if not sep or not key or any(not part for part in key.split(".")):
-        raise ConfigError(f"--set {assignment!r}: expected KEY=VALUE, e.g. train.epochs=2")
+        raise ConfigError(f"{option} {assignment!r}: expected KEY=VALUE, e.g. train.epochs=2")
+    return key, text
+
+
+def apply_override(raw: dict, assignment: str) -> None:
+    """Apply one ``a.b=v`` (``v`` parsed as YAML: ``2``, ``0.1``, ``true``, ``null``, ``[8, 11]``)."""
+    key, text = parse_assignment(assignment)
     try:
         value = yaml.safe_load(text) if text.strip() else ""
     except yaml.YAMLError:
         value = text
+    set_value(raw, key, value)
+
+
+def set_value(raw: dict, key: str, value: object) -> None:
+    """Set the dotted ``key`` of a raw config mapping to an already parsed ``value``."""
     parts = key.split(".")
     node = raw
     for i, part in enumerate(parts[:-1]):
         child = node.setdefault(part, {})
         if not isinstance(child, dict):
-            raise ConfigError(f"--set {key}: {'.'.join(parts[:i + 1])} is not a section")
+            raise ConfigError(f"{key}: {'.'.join(parts[:i + 1])} is not a section")
         node = child
     node[parts[-1]] = value
 
@@ -134,11 +171,13 @@ def build_config(raw: dict) -> PipelineConfig:
     return _build(PipelineConfig, raw, "")
 
 
-def resolve(preset: str, overrides: list[str] = ()) -> PipelineConfig:
-    """Preset + overrides -> validated config."""
+def resolve(preset: str, overrides: list[str] = (), values: dict[str, object] | None = None) -> PipelineConfig:
+    """Preset + ``--set`` overrides (+ parsed ``values`` by dotted key, applied last) -> validated config."""
     raw = load_preset(preset)
     for assignment in overrides:
         apply_override(raw, assignment)
+    for key, value in (values or {}).items():
+        set_value(raw, key, value)
     return build_config(raw)
 
 

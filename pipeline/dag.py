@@ -97,10 +97,18 @@ def keyed_config(obj: Any, drop_inference: bool) -> Any:
     return obj
 
 
-def cache_keys(cfg: PipelineConfig, dag: dict[str, Node], code_root: Path = ROOT) -> dict[str, str]:
-    """Every node's key; ``code_root``: the source tree whose modules are hashed (this checkout)."""
+def stage_code_digests(code_root: Path = ROOT) -> dict[str, str]:
+    """Every stage's code digest (``code_digest`` of its module), by stage name."""
+    return {stage.name: code_digest(stage.module.__name__, code_root) for stage in STAGES}
+
+
+def cache_keys(cfg: PipelineConfig, dag: dict[str, Node], code_root: Path = ROOT,
+               code: dict[str, str] | None = None) -> dict[str, str]:
+    """Every node's key; ``code_root``: the source tree whose modules are hashed (this checkout);
+    ``code``: its ``stage_code_digests``, when already computed (a sweep keys many configs)."""
     keys: dict[str, str] = {}
-    code = {node.stage.name: code_digest(node.stage.module.__name__, code_root) for node in dag.values()}
+    if code is None:
+        code = {node.stage.name: code_digest(node.stage.module.__name__, code_root) for node in dag.values()}
     for node in dag.values():
         stage = node.stage
         payload = {

@@ -62,7 +62,7 @@ class RayExecutor:
     verbose: bool = False
 
     def map(self, fn: Callable[[Any, torch.device], Any], items: Sequence[Any]) -> list[Any]:
-        task = _apply.options(num_cpus=self.resources.num_cpus, num_gpus=self.resources.num_gpus)
+        task = _apply.options(**self.resources.task_options())
         return ray.get([task.remote(fn, item, self) for item in items])
 
     def train(self, loop: Callable[[TrainContext, Any], None], config: Any) -> dict:

@@ -109,7 +109,7 @@ def _run_one(cfg, step: Step, store: ArtifactStore, keys, manifests, tracker, ve
         inputs = {d: node_input(store, d, keys[d], manifests[d]) for d in node.deps}
         args = (stage.run, config_slice(cfg, node), inputs, stage.name, executor)
         if resources.body == "task":
-            task = run_node_task.options(num_cpus=resources.num_cpus, num_gpus=resources.num_gpus)
+            task = run_node_task.options(**resources.task_options())
             result = ray.get(task.remote(*args))
         else:
             result = run_node(*args)

@@ -40,6 +40,11 @@ class Resources:
     num_workers: int = 1
     max_failures: int = 0
 
+    def task_options(self) -> dict:
+        """Ray task options of one task of this node. "DEFAULT" scheduling: a node run inside a
+        Ray Tune trial must not be confined to the trial's small placement group."""
+        return {"num_cpus": self.num_cpus, "num_gpus": self.num_gpus, "scheduling_strategy": "DEFAULT"}
+
 
 @dataclass(frozen=True)
 class Stage:

@@ -21,6 +21,7 @@ from urllib.parse import urlparse
 
 ENV = "MLFLOW_TRACKING_URI"
 _MAX_PARAM = 500  # characters kept of one param value
+_MAX_TAG = 5000  # characters kept of one tag value
 
 
 class TrackingError(RuntimeError):
@@ -72,6 +73,12 @@ def _params(values: Mapping[str, object]):
     return [Param(k, str(v)[:_MAX_PARAM]) for k, v in values.items()]
 
 
+def _tags(values: Mapping[str, str]):
+    from mlflow.entities import RunTag
+
+    return [RunTag(k, str(v)[:_MAX_TAG]) for k, v in values.items()]
+
+
 def log_epoch(uri: str, run_id: str, metrics: Mapping[str, float], epoch: int) -> None:
     """Per-epoch metrics of a training node (called from the rank-0 Ray Train worker)."""
     from mlflow import MlflowClient
@@ -82,7 +89,8 @@ def log_epoch(uri: str, run_id: str, metrics: Mapping[str, float], epoch: int) -
 class Tracker:
     """The MLflow side of one pipeline invocation."""
 
-    def __init__(self, uri: str, experiment: str, workdir: Path, base_tags: Mapping[str, str]) -> None:
+    def __init__(self, uri: str, experiment: str, workdir: Path, base_tags: Mapping[str, str],
+                 parent_id: str | None = None) -> None:
         from mlflow import MlflowClient
 
         self.uri = uri
@@ -94,7 +102,7 @@ class Tracker:
         else:
             self.experiment_id = exp.experiment_id
         self.base_tags = {k: v for k, v in base_tags.items() if v is not None}
-        self.parent_id: str | None = None
+        self.parent_id = parent_id  # node runs are nested under it
 
     def start_parent(self, name: str, params: Mapping[str, object], config_file: Path) -> str:
         run = self.client.create_run(self.experiment_id, run_name=name, tags=self.base_tags)
@@ -134,6 +142,53 @@ class Tracker:
         self.client.log_batch(run.info.run_id, metrics=_metrics(manifest.get("metrics", {})))
         self.client.set_terminated(run.info.run_id, "FINISHED")
         return run.info.run_id
+
+    # ---- runs found again by identity tags (sweeps: a re-run reopens its runs) ------------------
+
+    def find_run(self, **tags: str):
+        """The newest run of the experiment carrying every tag in ``tags``, or None."""
+        query = " and ".join(f"tags.{k} = '{v}'" for k, v in tags.items())
+        runs = self.client.search_runs([self.experiment_id], filter_string=query, max_results=1,
+                                       order_by=["attributes.start_time DESC"])
+        return runs[0] if runs else None
+
+    def open_run(self, name: str, identity: Mapping[str, str], params: Mapping[str, object],
+                 parent_id: str | None = None, status: str = "RUNNING") -> tuple[str, str | None]:
+        """``(run id, its earlier status)`` of the run found by its ``identity`` tags (reopened:
+        ``status``, its ``error`` tag cleared), or of a new one (earlier status None)."""
+        found = self.find_run(**identity)
+        if found is not None:
+            run_id = found.info.run_id
+            if found.data.tags.get("error") is not None:
+                self.client.delete_tag(run_id, "error")
+            if found.info.status != "FINISHED":
+                self.client.update_run(run_id, status=status)
+            return run_id, found.info.status
+        tags = {**self.base_tags, **identity, **({"mlflow.parentRunId": parent_id} if parent_id else {})}
+        run_id = self.client.create_run(self.experiment_id, run_name=name, tags=tags).info.run_id
+        self._log_params(run_id, params)
+        if status != "RUNNING":
+            self.client.update_run(run_id, status=status)
+        return run_id, None
+
+    def run_record(self, run_id: str) -> tuple[str, dict[str, float], dict[str, str]]:
+        """``(status, metrics, tags)`` of a run."""
+        run = self.client.get_run(run_id)
+        return run.info.status, dict(run.data.metrics), dict(run.data.tags)
+
+    def log_artifact(self, run_id: str, path: Path) -> None:
+        self.client.log_artifact(run_id, str(path))
+
+    def set_status(self, run_id: str, status: str) -> None:
+        self.client.update_run(run_id, status=status)
+
+    def finish_run(self, run_id: str, metrics: Mapping[str, float], tags: Mapping[str, str] | None = None,
+                   error: str | None = None, artifacts: Iterable[Path] = ()) -> None:
+        """Log ``metrics``, ``tags`` and ``artifacts``; FINISHED, or FAILED with an ``error`` tag."""
+        self.client.log_batch(run_id, metrics=_metrics(metrics), tags=_tags({**(tags or {}), **({"error": error} if error else {})}))
+        for path in artifacts:
+            self.client.log_artifact(run_id, str(path))
+        self.client.set_terminated(run_id, "FAILED" if error else "FINISHED")
 
     def _log_params(self, run_id: str, params: Mapping[str, object]) -> None:
         items = _params(params)

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ga_models import ProposerConfig
+from stages import paper
 from stages.contract import Executor, Input, Output, StageResult
 from stages.data import DataConfig
 from stages.detection import LABELS as DETECTOR_LABELS
@@ -22,26 +23,8 @@ from stages.io import atomic_write
 from stages.metrics import DETECTION_STATS
 from stages.training import TrainConfig
 
-AR_COLUMNS = ("AR_100", "AR_300", "AR_1000", "AR_S", "AR_M", "AR_L")
-# Paper Table 1 (COCO val, R-50-FPN), percent; s/img on the authors' GPU.
-PAPER_TABLE1: dict[str, dict[str, float]] = {
-    name: dict(zip((*AR_COLUMNS, "seconds_per_image"), values))
-    for name, values in (
-        ("RPN", (47.5, 54.7, 59.4, 31.7, 55.1, 64.6, 0.09)),
-        ("RPN + 9 anchors", (46.8, 54.6, 60.3, 29.5, 54.9, 65.6, 0.09)),
-        ("GA-RPN", (59.2, 65.2, 68.5, 40.9, 67.8, 79.0, 0.13)),
-    )
-}
 GAP_METRICS = ("AR_100", "AR_1000")
-# Paper Table 2 (COCO test-dev AP, R-50-FPN): (baseline, GA) variant pairs and their AP.
-PAPER_TABLE2: dict[str, float] = {
-    "fast_rcnn_rpn": 37.1, "fast_rcnn_ga_rpn": 39.4,
-    "faster_rcnn": 37.1, "ga_faster_rcnn": 39.8,
-    "retinanet": 35.9, "ga_retinanet": 37.1,
-}
 TABLE2_PAIRS = (("fast_rcnn_rpn", "fast_rcnn_ga_rpn"), ("faster_rcnn", "ga_faster_rcnn"), ("retinanet", "ga_retinanet"))
-# Paper Table 3 (COCO val AP): a trained Faster R-CNN, and it fine-tuned on RPN / GA-RPN proposals.
-PAPER_TABLE3: dict[str, float] = {"faster_rcnn": 37.4, "finetune_rpn": 37.3, "finetune_ga_rpn": 39.6}
 # report metric gap_AP_<name> = AP of the GA row minus AP of the baseline row
 AP_GAPS: dict[str, tuple[str, str]] = {
     "fast_rcnn": TABLE2_PAIRS[0], "faster_rcnn": TABLE2_PAIRS[1], "retinanet": TABLE2_PAIRS[2],
@@ -136,15 +119,15 @@ def render_detection_tables(detections: Mapping[str, Mapping[str, float]], setti
     lines = ["## Table 2: detectors with and without guided anchoring", "",
              f"Measured: {setting}; COCO box AP in percent on the val set (the paper's: COCO test-dev).", "", header, rule]
     for base, guided in TABLE2_PAIRS:
-        lines += [row(base, PAPER_TABLE2[base]), row(guided, PAPER_TABLE2[guided])]
+        lines += [row(base, paper.TABLE2[base]), row(guided, paper.TABLE2[guided])]
     lines.append("")
-    lines += [gap(base, guided, PAPER_TABLE2) for base, guided in TABLE2_PAIRS] + [""]
+    lines += [gap(base, guided, paper.TABLE2) for base, guided in TABLE2_PAIRS] + [""]
     lines += ["## Table 3: fine-tuning a trained Faster R-CNN on cached proposals", "",
               f"The trained Faster R-CNN's RPN replaced by cached proposals, then fine-tuned for {finetune_epochs} epoch(s) "
               "(lr / 10 after each epoch; the paper: 3).",
               "", header, rule]
-    lines += [row(v, p) for v, p in PAPER_TABLE3.items()] + [""]
-    lines += [gap("finetune_rpn", "finetune_ga_rpn", PAPER_TABLE3), ""]
+    lines += [row(v, p) for v, p in paper.TABLE3.items()] + [""]
+    lines += [gap("finetune_rpn", "finetune_ga_rpn", paper.TABLE3), ""]
     return "\n".join(lines)
 
 
@@ -160,22 +143,22 @@ def render(
     ``plots``: variant -> {plot name: path relative to the report}; ``setting``: one line
     describing the measured setting (dataset, backbone, image size, schedule).
     """
-    header = "| | " + " | ".join(c.replace("_", "") for c in AR_COLUMNS) + " | anchors/img | s/img |"
-    rule = "|---" * (len(AR_COLUMNS) + 3) + "|"
+    header = "| | " + " | ".join(c.replace("_", "") for c in paper.AR_COLUMNS) + " | anchors/img | s/img |"
+    rule = "|---" * (len(paper.AR_COLUMNS) + 3) + "|"
     lines = [f"# {title}", "", "## Table 1: region proposal results", "",
              f"Measured: {setting}. AR in percent (COCO protocol: IoU 0.50:0.95, class-agnostic; "
              "AR_S/M/L at 100 proposals).", "", header, rule]
     for variant, metrics in results.items():
-        row = [_pct(metrics.get(c)) for c in AR_COLUMNS]
+        row = [_pct(metrics.get(c)) for c in paper.AR_COLUMNS]
         row += [_num(metrics.get("anchors_per_image"), "{:.0f}"), _num(metrics.get("seconds_per_image"), "{:.3f}")]
         lines.append(f"| {VARIANT_LABELS.get(variant, variant)} (measured) | " + " | ".join(row) + " |")
-    for name, metrics in PAPER_TABLE1.items():
-        row = [f"{metrics[c]:.1f}" for c in AR_COLUMNS] + ["", f"{metrics['seconds_per_image']:.2f}"]
+    for name, metrics in paper.TABLE1.items():
+        row = [f"{metrics[c]:.1f}" for c in paper.AR_COLUMNS] + ["", f"{metrics['seconds_per_image']:.2f}"]
         lines.append(f"| {name} (paper, COCO) | " + " | ".join(row) + " |")
     lines.append("")
     if "rpn" in results and "ga_rpn" in results:
         gap = _gap(results["ga_rpn"].get("AR_1000"), results["rpn"].get("AR_1000"))
-        paper_gap = PAPER_TABLE1["GA-RPN"]["AR_1000"] - PAPER_TABLE1["RPN"]["AR_1000"]
+        paper_gap = paper.TABLE1["GA-RPN"]["AR_1000"] - paper.TABLE1["RPN"]["AR_1000"]
         lines.append(f"GA-RPN minus RPN, AR@1000: measured {gap}, paper {paper_gap:+.1f} points.")
         lines.append("")
     if plots:

@@ -1,0 +1,424 @@
+"""``pipeline sweep``: a Ray Tune ``Tuner`` whose function trainable runs one trial's sub-DAG
+(``pipeline.runner.execute``; Ray Train V2 inside the trial where it trains) through the same
+cached stages as ``pipeline full``.
+
+MLflow: a parent run per sweep; a nested run per trial with its swept params and its target
+node's metrics (also when that node was cached: ``produced_by_run_id`` names the run that made
+it); with ``--seeds`` an aggregate run per grid point (mean and ``_std`` of each metric) with
+its seed runs nested under it; node runs nested under their trial.
+
+Identity and resume: a trial's key hashes its point, seed and target nodes' cache keys; the
+sweep's key hashes its name and trial keys. Runs carry these keys as tags, so a re-run reopens
+the sweep's parent run, skips trials whose run FINISHED and reuses the run of any other: a sweep
+killed part-way and re-run runs only the rest, without duplicate runs. Nodes that several
+pending trials need (the dataset, one trained model) run first, once, in the driver, so that
+concurrent trials never build the same node.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import statistics
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import ray
+from ray import tune
+
+from pipeline import logs, runtime
+from pipeline.config import ConfigError, PipelineConfig, flatten, to_dict, to_yaml
+from pipeline.dag import build_dag, cache_keys, make_plan, stage_code_digests
+from pipeline.runner import execute
+from pipeline.store import ArtifactStore
+from pipeline.sweeps import SEED_KEYS, TARGET_METRICS, Sweep, Trial, trial_config
+from pipeline.tracking import Tracker
+from stages.io import atomic_write, write_json
+
+logger = logging.getLogger(__name__)
+RAY_TUNE_DIR = "_ray_tune"
+DONE, FAILED, PENDING, RUNNING, CACHED = "done", "FAILED", "pending", "running", "done (earlier run)"
+
+
+@dataclass
+class PlannedTrial:
+    """A trial with its config, its nodes' cache keys and target nodes, and its MLflow run."""
+
+    trial: Trial
+    cfg: PipelineConfig
+    keys: dict[str, str]
+    targets: tuple[str, ...]
+    key: str
+    run_id: str | None = None
+    state: str = PENDING
+    metrics: dict[str, float] = field(default_factory=dict)
+    error: str | None = None
+
+
+def _digest(payload: Any) -> str:
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:20]
+
+
+def plan_trials(sweep: Sweep, trials: Sequence[Trial], preset: str, overrides: Sequence[str],
+                base_cfg: PipelineConfig, targets: Sequence[str] = ()) -> list[PlannedTrial]:
+    """Every trial's config, node keys and target nodes (checked to exist): ``targets`` when
+    given (``--target``), else the sweep's own, else the evaluation nodes the grid changes."""
+    code = stage_code_digests()
+    configs = [trial_config(preset, overrides, t) for t in trials]
+    dags = [build_dag(c) for c in configs]
+    keys = [cache_keys(c, d, code=code) for c, d in zip(configs, dags)]
+    if sweep.target is None and not targets:
+        # what the grid itself changes, not the seeds
+        points = {t.point: Trial(t.index, t.point, t.params, {k: v for k, v in t.values.items() if k not in SEED_KEYS},
+                                 t.seed) for t in trials}
+        point_keys = [cache_keys(c, build_dag(c), code=code) for c in
+                      (trial_config(preset, overrides, t) for t in points.values())]
+        varying = _varied_evaluations(base_cfg, point_keys, code)
+        if not varying:
+            raise ConfigError(f"--grid {', '.join(a.name for a in sweep.axes)}: changes no evaluated result "
+                              "(no eval_proposals or eval_detector node gets another cache key)")
+    planned = []
+    for trial, cfg, dag, node_keys in zip(trials, configs, dags, keys):
+        if targets:
+            nodes = tuple(targets)
+        elif sweep.target is None:
+            nodes = tuple(n for n in dag if n in varying)
+        else:
+            nodes = (sweep.target.format(proposer=trial.params.get("proposer", "ga_rpn")),)
+        missing = [n for n in nodes if n not in dag]
+        if missing:
+            raise ConfigError(f"sweep {sweep.name!r} trial {trial.point!r}: its config has no node {', '.join(missing)} "
+                              f"(nodes: {', '.join(dag)})")
+        unevaluated = [n for n in nodes if n.split("/")[0] not in TARGET_METRICS]
+        if unevaluated:
+            raise ConfigError(f"--target {', '.join(unevaluated)}: not an evaluation node "
+                              f"({' or '.join(f'{s}/...' for s in TARGET_METRICS)})")
+        key = _digest({"point": trial.point, "seed": trial.seed, "targets": {n: node_keys[n] for n in nodes}})
+        planned.append(PlannedTrial(trial, cfg, node_keys, nodes, key))
+    return planned
+
+
+def _varied_evaluations(base_cfg: PipelineConfig, keys: list[dict[str, str]], code: dict[str, str]) -> set[str]:
+    """Evaluation nodes whose cache key is not the same in every trial and the base config."""
+    base = cache_keys(base_cfg, build_dag(base_cfg), code=code)
+    every = [base, *keys]
+    nodes = {n for k in every for n in k if n.split("/")[0] in TARGET_METRICS}
+    return {n for n in nodes if len({k.get(n) for k in every}) > 1}
+
+
+def sweep_key(name: str, planned: Sequence[PlannedTrial], seeds: int | None) -> str:
+    return _digest({"sweep": name, "seeds": seeds, "trials": [p.key for p in planned]})
+
+
+@dataclass(frozen=True)
+class SweepJob:
+    """What every trial needs (sent once to the Ray object store with ``tune.with_parameters``)."""
+
+    trials: tuple[PlannedTrial, ...]
+    store: ArtifactStore
+    uri: str
+    experiment: str
+    workdir: Path
+    base_tags: Mapping[str, str]
+    verbose: bool
+
+
+class TrialFailed(RuntimeError):
+    """A node of the trial failed; the message names it."""
+
+
+def run_trial(config: dict, job: SweepJob) -> None:
+    """Ray Tune's function trainable: one trial's sub-DAG, its MLflow run, ``tune.report``."""
+    logs.configure(job.verbose)
+    planned = job.trials[config["trial"]["index"]]
+    tracker = Tracker(job.uri, job.experiment, job.workdir, job.base_tags, parent_id=planned.run_id)
+    tracker.set_status(planned.run_id, "RUNNING")
+    try:
+        plan = make_plan(build_dag(planned.cfg), planned.keys, job.store, list(planned.targets))
+        outcomes = execute(planned.cfg, plan, job.store, planned.keys, tracker, verbose=job.verbose)
+        failed = [f"{o.node_id}: {o.error}" for o in outcomes.values() if o.error]
+        if failed or len(outcomes) != len(plan):
+            raise TrialFailed("; ".join(failed) or "interrupted before every node ran")
+        metrics, tags = trial_metrics(job.store, planned, {n for n, o in outcomes.items() if o.cached})
+    except Exception as e:
+        tracker.finish_run(planned.run_id, {}, error=f"{type(e).__name__}: {e}".splitlines()[0])
+        raise
+    tracker.finish_run(planned.run_id, metrics, tags)
+    tune.report({**metrics, "cache_hit": tags["cache_hit"] == "true"})
+
+
+def trial_metrics(store: ArtifactStore, planned: PlannedTrial, cached: set[str]) -> tuple[dict[str, float], dict[str, str]]:
+    """The trial's metrics from its target nodes' manifests (named as in ``pipeline full``;
+    ``<variant>.<metric>`` when a trial has several targets), and tags saying which run produced
+    each target and whether all were reused from the cache (``cached``: the nodes that were)."""
+    metrics: dict[str, float] = {}
+    tags: dict[str, str] = {}
+    for target in planned.targets:
+        stage, _, variant = target.partition("/")
+        manifest = store.read_manifest(stage, planned.keys[target]) or {}
+        values = manifest.get("metrics", {})
+        prefix = f"{variant}." if len(planned.targets) > 1 else ""
+        metrics.update({f"{prefix}{k}": v for k, v in values.items() if isinstance(v, (int, float))})
+        tags[f"produced_by_run_id{'.' + variant if prefix else ''}"] = str(manifest.get("run_id"))
+    tags["cache_hit"] = str(set(planned.targets) <= cached).lower()
+    return metrics, tags
+
+
+# ---- the driver -----------------------------------------------------------------------------
+
+
+def run_sweep(sweep: Sweep, planned: list[PlannedTrial], seeds: int | None, base_cfg: PipelineConfig,
+              store: ArtifactStore, tracker: Tracker, workdir: Path, config_file: Path, verbose: bool) -> tuple[bool, Path]:
+    """Run the pending trials of a sweep on Ray Tune; returns (all ok, the table file)."""
+    key = sweep_key(sweep.name, planned, seeds)
+    parent_id, _ = tracker.open_run(f"sweep {sweep.name}", {"sweep_key": key, "sweep": sweep.name}, {
+        **flatten(to_dict(base_cfg)), "sweep": sweep.name, "trials": len(planned), "seeds": seeds or 1})
+    tracker.parent_id = parent_id
+    groups = _open_trial_runs(sweep, planned, seeds, key, tracker, parent_id, workdir)
+    pending = [p for p in planned if p.state == PENDING]
+    logger.info("sweep %s (key %s): %d trials, %d finished earlier, %d to run", sweep.name, key[:12], len(planned),
+                len(planned) - len(pending), len(pending))
+    if pending:
+        owns_ray = runtime.init_ray()
+        try:
+            if owns_ray:
+                logger.info("%s", runtime.cluster_summary())
+            _run_shared_nodes(pending, store, tracker, verbose)
+            _tune(sweep, pending, planned, store, tracker, workdir, verbose)
+        except BaseException as e:  # interrupted or broken: the next run resumes, so mark what stopped
+            for p in pending:
+                if tracker.run_record(p.run_id)[0] != "FINISHED":
+                    tracker.set_status(p.run_id, "KILLED")
+            tracker.set_status(parent_id, "KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED")
+            raise
+        finally:
+            if owns_ray:
+                ray.shutdown()
+    _finish_aggregates(groups, tracker)
+    ok = all(p.state in (DONE, CACHED) for p in planned)
+    table_file = write_tables(sweep, planned, seeds, workdir / "sweeps" / sweep.name)
+    tracker.finish_run(parent_id, {}, {"trials_failed": str(sum(p.state == FAILED for p in planned))},
+                       error=None if ok else "some trials failed", artifacts=[config_file, table_file, table_file.with_suffix(".json")])
+    return ok, table_file
+
+
+def _open_trial_runs(sweep: Sweep, planned: list[PlannedTrial], seeds: int | None, key: str, tracker: Tracker,
+                     parent_id: str, workdir: Path) -> dict[str, tuple[str, list[PlannedTrial]]]:
+    """Find or create every trial's run (and with --seeds each point's aggregate run); a trial
+    whose run FINISHED is done, with its metrics. Returns ``{point: (aggregate run, trials)}``."""
+    groups: dict[str, tuple[str, list[PlannedTrial]]] = {}
+    for p in planned:
+        parent = parent_id
+        if seeds:
+            if p.trial.point not in groups:
+                params = {k: v for k, v in p.trial.params.items() if k != "seed"}
+                agg, _ = tracker.open_run(f"{p.trial.point} (mean of {seeds} seeds)",
+                                          {"sweep_key": key, "point_key": _digest([key, p.trial.point])},
+                                          {**params, "point": p.trial.point, "seeds": seeds}, parent_id)
+                groups[p.trial.point] = (agg, [])
+            parent = groups[p.trial.point][0]
+            groups[p.trial.point][1].append(p)
+        run_id, earlier = tracker.open_run(
+            p.trial.point + (f" seed {p.trial.seed}" if seeds else ""), {"sweep_key": key, "trial_key": p.key},
+            {**p.trial.params, "point": p.trial.point}, parent, status="SCHEDULED")
+        p.run_id = run_id
+        if earlier == "FINISHED":
+            p.state = CACHED
+            _, p.metrics, _ = tracker.run_record(run_id)
+        else:
+            config_file = workdir / "sweeps" / sweep.name / "trials" / f"{p.key}.yaml"
+            atomic_write(config_file, to_yaml(p.cfg).encode())
+            tracker.log_artifact(run_id, config_file)
+    return groups
+
+
+def _run_shared_nodes(pending: list[PlannedTrial], store: ArtifactStore, tracker: Tracker, verbose: bool) -> None:
+    """Run, in the driver, every node that two or more pending trials would run (same cache key)."""
+    runs_by_trial = []
+    for p in pending:
+        plan = make_plan(build_dag(p.cfg), p.keys, store, list(p.targets))
+        runs_by_trial.append({s.node.id: s.key for s in plan if s.run})
+    counts: dict[str, int] = {}
+    for runs in runs_by_trial:
+        for key in set(runs.values()):
+            counts[key] = counts.get(key, 0) + 1
+    done: set[str] = set()
+    for p, runs in zip(pending, runs_by_trial):
+        shared = [n for n, k in runs.items() if counts[k] > 1 and k not in done]
+        if not shared:
+            continue
+        logger.info("shared by several trials, run once first: %s", ", ".join(shared))
+        plan = make_plan(build_dag(p.cfg), p.keys, store, shared)
+        outcomes = execute(p.cfg, plan, store, p.keys, tracker, verbose=verbose)
+        done.update(p.keys[n] for n, o in outcomes.items() if o.error is None)
+
+
+def _tune(sweep: Sweep, pending: list[PlannedTrial], planned: list[PlannedTrial], store: ArtifactStore,
+          tracker: Tracker, workdir: Path, verbose: bool) -> None:
+    """One Tuner over the pending trials; then each one's state, metrics and error from its run."""
+    cfg = pending[0].cfg.sweep
+    job = SweepJob(tuple(planned), store, tracker.uri, pending[0].cfg.name, workdir, tracker.base_tags, verbose)
+    trainable = tune.with_resources(tune.with_parameters(run_trial, job=job),
+                                    {"CPU": cfg.trial_cpus, "GPU": cfg.trial_gpus})
+    space = {"trial": tune.grid_search([{"index": p.trial.index, **p.trial.params} for p in pending])}
+    tuner = tune.Tuner(
+        trainable,
+        param_space=space,
+        tune_config=tune.TuneConfig(max_concurrent_trials=cfg.max_concurrent_trials),
+        run_config=tune.RunConfig(
+            name=f"{sweep.name}-{time.strftime('%Y%m%d-%H%M%S')}",
+            storage_path=store.uri(RAY_TUNE_DIR),
+            failure_config=tune.FailureConfig(max_failures=0),
+            callbacks=[LiveTable(sweep, planned)],
+            verbose=0,
+        ),
+    )
+    errors = {r.config["trial"]["index"]: _error_line(r.error) for r in tuner.fit() if r.error is not None}
+    for p in pending:
+        status, metrics, tags = tracker.run_record(p.run_id)
+        if status == "FINISHED":
+            p.state, p.metrics, p.error = DONE, metrics, None
+        else:
+            p.state, p.error = FAILED, errors.get(p.trial.index) or tags.get("error") or f"trial run {status}"
+
+
+def _error_line(error: BaseException) -> str:
+    cause = getattr(error, "cause", None) or error
+    return f"{type(cause).__name__}: {cause}".splitlines()[0]
+
+
+def _finish_aggregates(groups: dict[str, tuple[str, list[PlannedTrial]]], tracker: Tracker) -> None:
+    """Each point's aggregate run: mean and ``_std`` of every metric over its finished seeds."""
+    for agg, trials in groups.values():
+        finished = [p.metrics for p in trials if p.state in (DONE, CACHED)]
+        failed = [p for p in trials if p.state == FAILED]
+        tracker.finish_run(agg, aggregate(finished), {"seeds_finished": str(len(finished))},
+                           error=f"{len(failed)} of {len(trials)} seeds failed" if failed else None)
+
+
+def aggregate(runs: Sequence[Mapping[str, float]]) -> dict[str, float]:
+    """Mean of each metric every run has, and its sample standard deviation as ``<name>_std``."""
+    if not runs:
+        return {}
+    common = set.intersection(*(set(r) for r in runs))
+    out = {}
+    for name in sorted(common):
+        values = [float(r[name]) for r in runs]
+        out[name] = statistics.fmean(values)
+        out[f"{name}_std"] = statistics.stdev(values) if len(values) > 1 else 0.0
+    return out
+
+
+# ---- tables -----------------------------------------------------------------------------------
+
+
+def table_rows(sweep: Sweep, planned: Sequence[PlannedTrial], seeds: int | None) -> list[dict[str, str]]:
+    """One row per grid point (its seeds pooled: ``mean ± std``), the paper's numbers beside."""
+    points: dict[str, list[PlannedTrial]] = {}
+    for p in planned:
+        points.setdefault(p.trial.point, []).append(p)
+    columns = _columns(planned)
+    references = [p.trial.paper for p in planned if p.trial.paper]
+    paper_columns = [c for c in columns if any(c in r for r in references)]
+    paper_header = f"paper {'/'.join(_short(c) for c in paper_columns)}"
+    rows = []
+    for point, trials in points.items():
+        finished = [p.metrics for p in trials if p.state in (DONE, CACHED)]
+        states = sorted({p.state for p in trials})
+        row = {"point": point, "state": ", ".join(states)}
+        if seeds:
+            row["seeds"] = f"{len(finished)}/{len(trials)}"
+        stats = aggregate(finished)
+        for name in columns:
+            if name in stats:
+                row[name] = _fmt(name, stats[name]) + (f" ± {_fmt(name, stats[name + '_std'])}" if seeds else "")
+            else:
+                row[name] = "-"
+        reference = trials[0].trial.paper or {}
+        row[paper_header] = " / ".join(_fmt(c, reference[c]) if c in reference else "-" for c in paper_columns) if reference else ""
+        errors = [p.error for p in trials if p.error]
+        row["error"] = errors[0] if errors else ""
+        rows.append(row)
+    return rows
+
+
+def _columns(planned: Sequence[PlannedTrial]) -> list[str]:
+    names: list[str] = []
+    for p in planned:
+        for target in p.targets:
+            stage, _, variant = target.partition("/")
+            prefix = f"{variant}." if len(p.targets) > 1 else ""
+            names += [f"{prefix}{m}" for m in TARGET_METRICS[stage] if f"{prefix}{m}" not in names]
+    return names
+
+
+def _fmt(name: str, value: float) -> str:
+    """Recall and AP in percent (as the paper), anchor counts whole, seconds to 3 places."""
+    metric = name.rsplit(".", 1)[-1]
+    if metric.startswith(("AR", "AP")):
+        return f"{100 * value:.1f}" if value <= 1 else f"{value:.1f}"
+    if metric.startswith("anchors"):
+        return f"{value:.0f}"
+    return f"{value:.3f}"
+
+
+def _short(name: str) -> str:
+    """A column's header: ``AR_1000`` -> ``AR1000``, ``anchors_per_image`` -> ``anchors/img``."""
+    return name.replace("_per_image", "/img").replace("seconds", "s").replace("AR_", "AR").replace("AP_", "AP")
+
+
+def render(rows: Sequence[Mapping[str, str]], markdown: bool = False) -> str:
+    """Aligned plain text for the terminal, or a Markdown table."""
+    if not rows:
+        return "(no trials)"
+    columns = [c for c in rows[0] if any(r.get(c) for r in rows)]
+    header = {c: _short(c) for c in columns}
+    if markdown:
+        lines = ["| " + " | ".join(header[c] for c in columns) + " |", "|" + "---|" * len(columns)]
+        return "\n".join(lines + ["| " + " | ".join(r.get(c, "") for c in columns) + " |" for r in rows])
+    widths = {c: max(len(header[c]), *(len(r.get(c, "")) for r in rows)) for c in columns}
+    lines = ["  ".join(header[c].ljust(widths[c]) for c in columns)]
+    lines.append("-" * len(lines[0]))
+    lines += ["  ".join(r.get(c, "").ljust(widths[c]) for c in columns).rstrip() for r in rows]
+    return "\n".join(lines)
+
+
+def write_tables(sweep: Sweep, planned: Sequence[PlannedTrial], seeds: int | None, out_dir: Path) -> Path:
+    """``table.md`` (the sweep's table, paper beside) and ``table.json`` (every trial) under ``out_dir``."""
+    rows = table_rows(sweep, planned, seeds)
+    md = out_dir / "table.md"
+    text = f"# Sweep `{sweep.name}`\n\n{sweep.doc}.\n\n{render(rows, markdown=True)}\n"
+    atomic_write(md, text.encode())
+    write_json(md.with_suffix(".json"), {"sweep": sweep.name, "seeds": seeds or 1, "trials": [
+        {"point": p.trial.point, "params": dict(p.trial.params), "state": p.state, "metrics": p.metrics,
+         "error": p.error, "run_id": p.run_id, "targets": list(p.targets), "trial_key": p.key}
+        for p in planned]}, indent=2)
+    return md
+
+
+class LiveTable(tune.Callback):
+    """Logs the table of the trials this invocation runs whenever one starts, reports or fails."""
+
+    def __init__(self, sweep: Sweep, planned: list[PlannedTrial]) -> None:
+        self.sweep, self.planned = sweep, planned
+
+    def _show(self, trial, state: str, result: Mapping | None = None) -> None:
+        p = self.planned[trial.config["trial"]["index"]]
+        p.state = state
+        if result:
+            p.metrics = {k: v for k, v in result.items() if k in _columns([p])}
+        shown = [q for q in self.planned if q.state != CACHED]
+        logger.info("sweep %s:\n%s", self.sweep.name, render(table_rows(self.sweep, shown, None)))
+
+    def on_trial_start(self, iteration, trials, trial, **info):
+        self._show(trial, RUNNING)
+
+    def on_trial_result(self, iteration, trials, trial, result, **info):
+        self._show(trial, DONE, result)
+
+    def on_trial_error(self, iteration, trials, trial, **info):
+        self._show(trial, FAILED)
