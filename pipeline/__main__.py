@@ -192,7 +192,7 @@ def _sweep(args: argparse.Namespace) -> int:
 
 def _run_sweep(args, sweep, cfg: PipelineConfig, trials) -> int:
     from pipeline import runtime, tracking
-    from pipeline.sweep_runner import plan_trials, render, run_sweep, table_rows
+    from pipeline.sweep_runner import plan_trials, render, run_sweep, sweep_key, table_rows
 
     started = time.perf_counter()
     preset_name = Path(args.preset).stem
@@ -212,7 +212,8 @@ def _run_sweep(args, sweep, cfg: PipelineConfig, trials) -> int:
     print(render(table_rows(sweep, planned, args.seeds)))
     print()
     print(f"total {time.perf_counter() - started:.1f}s; table: {table_file}")
-    print(f"MLflow: {uri}  (mlflow ui --backend-store-uri {uri})")
+    print(f"MLflow: {uri}  (mlflow ui --backend-store-uri {uri}); "
+          f"the trials: tags.sweep_run = 'trial' and tags.sweep_key = '{sweep_key(sweep.name, planned, args.seeds)}'")
     if not ok:
         failed = [f"{p.trial.point} (seed {p.trial.seed})" for p in planned if p.error]
         print(f"pipeline: error: {len(failed)} of {len(planned)} trials failed: {', '.join(failed)}", file=sys.stderr)

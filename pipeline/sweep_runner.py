@@ -4,8 +4,10 @@ cached stages as ``pipeline full``.
 
 MLflow: a parent run per sweep; a nested run per trial with its swept params and its target
 node's metrics (also when that node was cached: ``produced_by_run_id`` names the run that made
-it); with ``--seeds`` an aggregate run per grid point (mean and ``_std`` of each metric) with
-its seed runs nested under it; node runs nested under their trial.
+it); with ``--seeds`` an aggregate run per grid point (mean and ``_std`` of each metric) with its
+seed runs nested under it; node runs nested under their trial. Tags ``sweep``, ``sweep_key`` and
+``sweep_run`` (sweep | point | trial) select them: the UI filter
+``tags.sweep_run = 'trial' and tags.sweep = 'eps_l'`` lists the trials to compare.
 
 Identity and resume: a trial's key hashes its point, seed and target nodes' cache keys; the
 sweep's key hashes its name and trial keys. Runs carry these keys as tags, so a re-run reopens
@@ -23,7 +25,7 @@ import logging
 import statistics
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -73,8 +75,7 @@ def plan_trials(sweep: Sweep, trials: Sequence[Trial], preset: str, overrides: S
     keys = [cache_keys(c, d, code=code) for c, d in zip(configs, dags)]
     if sweep.target is None and not targets:
         # what the grid itself changes, not the seeds
-        points = {t.point: Trial(t.index, t.point, t.params, {k: v for k, v in t.values.items() if k not in SEED_KEYS},
-                                 t.seed) for t in trials}
+        points = {t.point: replace(t, values={k: v for k, v in t.values.items() if k not in SEED_KEYS}) for t in trials}
         point_keys = [cache_keys(c, build_dag(c), code=code) for c in
                       (trial_config(preset, overrides, t) for t in points.values())]
         varying = _varied_evaluations(base_cfg, point_keys, code)
@@ -175,7 +176,7 @@ def run_sweep(sweep: Sweep, planned: list[PlannedTrial], seeds: int | None, base
               store: ArtifactStore, tracker: Tracker, workdir: Path, config_file: Path, verbose: bool) -> tuple[bool, Path]:
     """Run the pending trials of a sweep on Ray Tune; returns (all ok, the table file)."""
     key = sweep_key(sweep.name, planned, seeds)
-    parent_id, _ = tracker.open_run(f"sweep {sweep.name}", {"sweep_key": key, "sweep": sweep.name}, {
+    parent_id, _ = tracker.open_run(f"sweep {sweep.name}", {"sweep_key": key, "sweep": sweep.name, "sweep_run": "sweep"}, {
         **flatten(to_dict(base_cfg)), "sweep": sweep.name, "trials": len(planned), "seeds": seeds or 1})
     tracker.parent_id = parent_id
     groups = _open_trial_runs(sweep, planned, seeds, key, tracker, parent_id, workdir)
@@ -217,13 +218,15 @@ def _open_trial_runs(sweep: Sweep, planned: list[PlannedTrial], seeds: int | Non
             if p.trial.point not in groups:
                 params = {k: v for k, v in p.trial.params.items() if k != "seed"}
                 agg, _ = tracker.open_run(f"{p.trial.point} (mean of {seeds} seeds)",
-                                          {"sweep_key": key, "point_key": _digest([key, p.trial.point])},
+                                          {"sweep_key": key, "sweep": sweep.name, "sweep_run": "point",
+                                           "point_key": _digest([key, p.trial.point])},
                                           {**params, "point": p.trial.point, "seeds": seeds}, parent_id)
                 groups[p.trial.point] = (agg, [])
             parent = groups[p.trial.point][0]
             groups[p.trial.point][1].append(p)
         run_id, earlier = tracker.open_run(
-            p.trial.point + (f" seed {p.trial.seed}" if seeds else ""), {"sweep_key": key, "trial_key": p.key},
+            p.trial.point + (f" seed {p.trial.seed}" if seeds else ""), {"sweep_key": key, "sweep": sweep.name, "sweep_run": "trial",
+                                                                   "trial_key": p.key},
             {**p.trial.params, "point": p.trial.point}, parent, status="SCHEDULED")
         p.run_id = run_id
         if earlier == "FINISHED":

@@ -122,7 +122,7 @@ SWEEPS: dict[str, Sweep] = {s.name: s for s in (
           (over("proposer.loc_threshold", (0.0, 0.01, 0.05, 0.1, 0.2)),),
           paper=lambda p: paper.TABLE5.get(p["loc_threshold"])),
     Sweep("samples", "approximate shapes K in {3, 9, 15} sampled per location for the vIoU targets",
-          (over("proposer.approx_samples", (3, 9, 15)),)),
+          (over("proposer.approx_samples", (3, 9, 15)),), paper=lambda p: paper.APPROX_SAMPLES.get(p["approx_samples"])),
     Sweep("modules", "location (L), shape (S), feature adaption (F.A.) modules (Table 4; RPN first)",
           (_MODULES,), paper=lambda p: paper.TABLE4.get(p["modules"])),
     Sweep("alignment", "centre alignment (C.A.) x feature adaption (F.A.) (Table 6), and a plain "
@@ -134,7 +134,7 @@ SWEEPS: dict[str, Sweep] = {s.name: s for s in (
           keep=lambda p: p["center_ratio"] < p["ignore_ratio"]),
     Sweep("lambda2", f"shape-loss weight: the paper's lambda2 in {{{', '.join(map(str, PAPER_LAMBDA2))}}}, run as "
           f"shape_weight = {SHAPE_WEIGHT_PER_PAPER_LAMBDA2:g} x lambda2 (this implementation's loss normalisation)",
-          (_LAMBDA2,)),
+          (_LAMBDA2,), paper=lambda p: paper.LAMBDA2.get(p["lambda2"])),
     Sweep("proposals", "Fast R-CNN trained and tested with {300, 1000} proposals x R-CNN IoU threshold "
           "{0.5, 0.6} x {RPN, GA-RPN} proposals (Table 7)",
           (_TABLE7_PROPOSER, _TABLE7_PROPOSALS, _TABLE7_IOU), target="eval_detector/fast_rcnn_{proposer}",

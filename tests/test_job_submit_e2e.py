@@ -124,6 +124,33 @@ def test_ray_job_submit_smoke_preset_logs_runs_to_mlflow_server(local_cluster, t
             assert logged[metric] == pytest.approx(value), (node, metric)
 
 
+def test_ray_job_submit_of_a_sweep_logs_its_trials_to_the_mlflow_server(local_cluster, tmp_path):
+    import mlflow
+
+    env = local_cluster["env"]
+    workdir = tmp_path / "work"
+    submit = subprocess.run(
+        [str(RAY), "job", "submit", "--address", local_cluster["dashboard"], "--working-dir", ".",
+         "--runtime-env", "clusters/runtime_env.yaml", "--",
+         "python", "-m", "pipeline", "sweep", "--preset", "smoke", "--workdir", str(workdir),
+         "--grid", "proposer.loc_threshold=0.01,0.05", "--set", "detector.variants=[]", "--set", "detector.finetune=[]"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=1200)
+    log = submit.stdout + submit.stderr
+    assert submit.returncode == 0, log[-6000:]
+    assert "loc_threshold=0.05" in log  # the sweep's table reached the submitting terminal
+
+    client = mlflow.MlflowClient(tracking_uri=local_cluster["mlflow"])
+    experiment = client.get_experiment_by_name("ga-smoke")
+    runs = client.search_runs([experiment.experiment_id], filter_string="tags.sweep = 'grid'", max_results=100)
+    parents = [r for r in runs if r.data.tags["sweep_run"] == "sweep"]
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+    trials = [r for r in runs if r.data.tags["sweep_run"] == "trial"]
+    assert sorted(r.data.params["loc_threshold"] for r in trials) == ["0.01", "0.05"]
+    for trial in trials:
+        assert trial.data.tags["mlflow.parentRunId"] == parents[0].info.run_id and trial.info.status == "FINISHED"
+        assert 0.0 <= trial.data.metrics["AR_1000"] <= 1.0 and trial.data.metrics["anchors_per_image"] > 0
+
+
 def test_stop_ends_running_jobs_and_the_head(local_cluster, tmp_path, alive):
     """Runs last in this module: it stops the module's cluster (teardown's stop.sh is then a
     no-op). A job's driver runs in its own process group, outside the head's; stop.sh must

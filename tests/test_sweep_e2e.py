@@ -62,8 +62,7 @@ def children(runs, parent):
 
 
 def sweep_parent(runs, command):
-    found = [r for r in runs if r.data.tags.get("sweep_key") and "trial_key" not in r.data.tags
-             and "point_key" not in r.data.tags and r.data.tags.get("command") == command]
+    found = [r for r in runs if r.data.tags.get("sweep_run") == "sweep" and r.data.tags.get("command") == command]
     assert len(found) == 1, [r.data.tags.get("command") for r in found]
     return found[0]
 

@@ -46,6 +46,8 @@ def test_trials_carry_their_config_and_the_papers_numbers():
     eps = expand(SWEEPS["eps_l"], 0)
     assert eps[2].paper["anchors_per_image"] == 5251 and eps[4].paper is None  # 0.2 is not in Table 5
     assert expand(SWEEPS["modules"], 0)[0].paper["AR_1000"] == 59.4
+    assert [t.paper["AR_1000"] for t in expand(SWEEPS["samples"], 0)] == [68.3, 68.5, 68.5]
+    assert [t.paper["AR_1000"] for t in expand(SWEEPS["lambda2"], 0)] == [68.3, 68.4, 68.5, 68.4]
 
 
 def test_seeds_repeat_every_point_with_its_own_training_seed():
