@@ -192,7 +192,7 @@ def _sweep(args: argparse.Namespace) -> int:
 
 def _run_sweep(args, sweep, cfg: PipelineConfig, trials) -> int:
     from pipeline import runtime, tracking
-    from pipeline.sweep_runner import plan_trials, render, run_sweep, sweep_key, table_rows
+    from pipeline.sweep_runner import INTERRUPTED, plan_trials, render, run_sweep, sweep_key, table_rows
 
     started = time.perf_counter()
     preset_name = Path(args.preset).stem
@@ -214,10 +214,16 @@ def _run_sweep(args, sweep, cfg: PipelineConfig, trials) -> int:
     print(f"total {time.perf_counter() - started:.1f}s; table: {table_file}")
     print(f"MLflow: {uri}  (mlflow ui --backend-store-uri {uri}); "
           f"the trials: tags.sweep_run = 'trial' and tags.sweep_key = '{sweep_key(sweep.name, planned, args.seeds)}'")
-    if not ok:
-        failed = [f"{p.trial.point} (seed {p.trial.seed})" for p in planned if p.error]
-        print(f"pipeline: error: {len(failed)} of {len(planned)} trials failed: {', '.join(failed)}", file=sys.stderr)
-    return 0 if ok else 1
+    if ok:
+        return 0
+    stopped = [f"{p.trial.point} (seed {p.trial.seed})" for p in planned if p.state == INTERRUPTED]
+    if stopped:
+        print(f"pipeline: interrupted: {len(stopped)} of {len(planned)} trials did not finish ({', '.join(stopped)}); "
+              "the same command runs them (and only them)", file=sys.stderr)
+        return 130
+    failed = [f"{p.trial.point} (seed {p.trial.seed})" for p in planned if p.error]
+    print(f"pipeline: error: {len(failed)} of {len(planned)} trials failed: {', '.join(failed)}", file=sys.stderr)
+    return 1
 
 
 def _write_summary(workdir: Path, summary: dict) -> Path:

@@ -49,23 +49,32 @@ class ConfigError(ValueError):
 class SweepConfig:
     """Ray Tune scheduling of ``pipeline sweep``.
 
-    ``max_concurrent_trials``: trials in flight at once. ``trial_cpus``/``trial_gpus``: what each
-    trial's driver (the Tune function trainable, which only waits on its stages) reserves, more
-    than zero as Ray Tune requires; the stages a trial runs reserve their own
-    (``train.cpus_per_worker``, ``train.use_gpu``, ``proposals.cpus_per_task``), so on a GPU
-    cluster ``max_concurrent_trials`` = the GPU count runs one trial per GPU."""
+    ``max_concurrent_trials``: trials in flight at once. ``trial_cpus``/``trial_gpus``/
+    ``trial_memory_mb``: what each trial's driver (the Tune function trainable, which only waits
+    on its stages) reserves. The stages a trial runs reserve their own
+    (``train.cpus_per_worker``, ``train.use_gpu``, ``proposals.cpus_per_task``), so the driver
+    reserves no CPU by default: even 0.01 CPU per trial leaves two trials' training workers
+    (1 CPU each) without a whole second core on a 2-core machine. On a GPU cluster,
+    ``max_concurrent_trials`` = the GPU count runs one trial per GPU."""
 
     max_concurrent_trials: int = 2
-    trial_cpus: float = 0.01
+    trial_cpus: float = 0.0
     trial_gpus: float = 0.0
+    trial_memory_mb: int = 256
 
     def __post_init__(self) -> None:
         if self.max_concurrent_trials < 1:
             raise ConfigError(f"sweep.max_concurrent_trials: must be >= 1, got {self.max_concurrent_trials}")
-        if self.trial_cpus <= 0:
-            raise ConfigError(f"sweep.trial_cpus: must be > 0 (Ray Tune reserves something per trial), got {self.trial_cpus}")
-        if self.trial_gpus < 0:
-            raise ConfigError(f"sweep.trial_gpus: must be >= 0, got {self.trial_gpus}")
+        for name in ("trial_cpus", "trial_gpus"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"sweep.{name}: must be >= 0, got {getattr(self, name)}")
+        if self.trial_memory_mb < 1:
+            raise ConfigError(f"sweep.trial_memory_mb: must be >= 1 (Ray Tune needs a non-empty reservation), "
+                              f"got {self.trial_memory_mb}")
+
+    def trial_resources(self) -> dict[str, float]:
+        """The Ray resources of one trial's driver."""
+        return {"CPU": self.trial_cpus, "GPU": self.trial_gpus, "memory": self.trial_memory_mb * 2**20}
 
 
 @dataclass(frozen=True)

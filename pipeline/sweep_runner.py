@@ -44,6 +44,7 @@ from stages.io import atomic_write, write_json
 logger = logging.getLogger(__name__)
 RAY_TUNE_DIR = "_ray_tune"
 DONE, FAILED, PENDING, RUNNING, CACHED = "done", "FAILED", "pending", "running", "done (earlier run)"
+INTERRUPTED = "interrupted"
 
 
 @dataclass
@@ -188,8 +189,9 @@ def run_sweep(sweep: Sweep, planned: list[PlannedTrial], seeds: int | None, base
         try:
             if owns_ray:
                 logger.info("%s", runtime.cluster_summary())
-            _run_shared_nodes(pending, store, tracker, verbose)
-            _tune(sweep, pending, planned, store, tracker, workdir, verbose)
+            runnable = _run_shared_nodes(pending, store, tracker, verbose)
+            if runnable:
+                _tune(sweep, runnable, planned, store, tracker, workdir, verbose)
         except BaseException as e:  # interrupted or broken: the next run resumes, so mark what stopped
             for p in pending:
                 if tracker.run_record(p.run_id)[0] != "FINISHED":
@@ -201,9 +203,13 @@ def run_sweep(sweep: Sweep, planned: list[PlannedTrial], seeds: int | None, base
                 ray.shutdown()
     _finish_aggregates(groups, tracker)
     ok = all(p.state in (DONE, CACHED) for p in planned)
+    interrupted = any(p.state == INTERRUPTED for p in planned)
     table_file = write_tables(sweep, planned, seeds, workdir / "sweeps" / sweep.name)
     tracker.finish_run(parent_id, {}, {"trials_failed": str(sum(p.state == FAILED for p in planned))},
-                       error=None if ok else "some trials failed", artifacts=[config_file, table_file, table_file.with_suffix(".json")])
+                       error=None if ok else "interrupted" if interrupted else "some trials failed",
+                       artifacts=[config_file, table_file, table_file.with_suffix(".json")])
+    if interrupted:
+        tracker.set_status(parent_id, "KILLED")
     return ok, table_file
 
 
@@ -239,8 +245,10 @@ def _open_trial_runs(sweep: Sweep, planned: list[PlannedTrial], seeds: int | Non
     return groups
 
 
-def _run_shared_nodes(pending: list[PlannedTrial], store: ArtifactStore, tracker: Tracker, verbose: bool) -> None:
-    """Run, in the driver, every node that two or more pending trials would run (same cache key)."""
+def _run_shared_nodes(pending: list[PlannedTrial], store: ArtifactStore, tracker: Tracker, verbose: bool) -> list[PlannedTrial]:
+    """Run, in the driver, every node that two or more pending trials would run (same cache key).
+    A trial that needs a shared node which failed fails with it (its run says so); returns the
+    trials still to run."""
     runs_by_trial = []
     for p in pending:
         plan = make_plan(build_dag(p.cfg), p.keys, store, list(p.targets))
@@ -249,15 +257,25 @@ def _run_shared_nodes(pending: list[PlannedTrial], store: ArtifactStore, tracker
     for runs in runs_by_trial:
         for key in set(runs.values()):
             counts[key] = counts.get(key, 0) + 1
-    done: set[str] = set()
+    tried: dict[str, str | None] = {}  # shared node key -> its error (None: done)
     for p, runs in zip(pending, runs_by_trial):
-        shared = [n for n, k in runs.items() if counts[k] > 1 and k not in done]
+        shared = [n for n, k in runs.items() if counts[k] > 1 and k not in tried]
         if not shared:
             continue
         logger.info("shared by several trials, run once first: %s", ", ".join(shared))
         plan = make_plan(build_dag(p.cfg), p.keys, store, shared)
         outcomes = execute(p.cfg, plan, store, p.keys, tracker, verbose=verbose)
-        done.update(p.keys[n] for n, o in outcomes.items() if o.error is None)
+        tried.update({p.keys[n]: None if o.error is None else f"{n}: {o.error}" for n, o in outcomes.items()})
+        tried.update({p.keys[n]: f"{n}: not run, an input failed" for n in shared if n not in outcomes})
+    remaining = []
+    for p, runs in zip(pending, runs_by_trial):
+        errors = [tried[k] for k in runs.values() if tried.get(k)]
+        if errors:
+            p.state, p.error = FAILED, f"shared node failed: {errors[0]}"
+            tracker.finish_run(p.run_id, {}, error=p.error)
+        else:
+            remaining.append(p)
+    return remaining
 
 
 def _tune(sweep: Sweep, pending: list[PlannedTrial], planned: list[PlannedTrial], store: ArtifactStore,
@@ -265,8 +283,7 @@ def _tune(sweep: Sweep, pending: list[PlannedTrial], planned: list[PlannedTrial]
     """One Tuner over the pending trials; then each one's state, metrics and error from its run."""
     cfg = pending[0].cfg.sweep
     job = SweepJob(tuple(planned), store, tracker.uri, pending[0].cfg.name, workdir, tracker.base_tags, verbose)
-    trainable = tune.with_resources(tune.with_parameters(run_trial, job=job),
-                                    {"CPU": cfg.trial_cpus, "GPU": cfg.trial_gpus})
+    trainable = tune.with_resources(tune.with_parameters(run_trial, job=job), cfg.trial_resources())
     space = {"trial": tune.grid_search([{"index": p.trial.index, **p.trial.params} for p in pending])}
     tuner = tune.Tuner(
         trainable,
@@ -285,8 +302,11 @@ def _tune(sweep: Sweep, pending: list[PlannedTrial], planned: list[PlannedTrial]
         status, metrics, tags = tracker.run_record(p.run_id)
         if status == "FINISHED":
             p.state, p.metrics, p.error = DONE, metrics, None
-        else:
-            p.state, p.error = FAILED, errors.get(p.trial.index) or tags.get("error") or f"trial run {status}"
+        elif p.trial.index in errors or status == "FAILED":
+            p.state, p.error = FAILED, errors.get(p.trial.index) or tags.get("error")
+        else:  # Tune stopped on Ctrl-C before the trial ended
+            p.state, p.error = INTERRUPTED, "interrupted: run the sweep again to finish it"
+            tracker.set_status(p.run_id, "KILLED")
 
 
 def _error_line(error: BaseException) -> str:
@@ -298,9 +318,9 @@ def _finish_aggregates(groups: dict[str, tuple[str, list[PlannedTrial]]], tracke
     """Each point's aggregate run: mean and ``_std`` of every metric over its finished seeds."""
     for agg, trials in groups.values():
         finished = [p.metrics for p in trials if p.state in (DONE, CACHED)]
-        failed = [p for p in trials if p.state == FAILED]
+        unfinished = len(trials) - len(finished)
         tracker.finish_run(agg, aggregate(finished), {"seeds_finished": str(len(finished))},
-                           error=f"{len(failed)} of {len(trials)} seeds failed" if failed else None)
+                           error=f"{unfinished} of {len(trials)} seeds did not finish" if unfinished else None)
 
 
 def aggregate(runs: Sequence[Mapping[str, float]]) -> dict[str, float]:

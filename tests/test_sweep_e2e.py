@@ -157,3 +157,19 @@ def test_a_failed_trial_is_reported_and_does_not_sink_the_sweep(sweep, coco, cap
     rows = json.loads((workdir / "sweeps" / "grid" / "table.json").read_text())["trials"]
     assert [r["state"] for r in rows] == ["done", "FAILED"] and "duplicate image id" in rows[1]["error"]
     assert "duplicate image id" in (workdir / "sweeps" / "grid" / "table.md").read_text()
+
+
+def test_a_shared_node_that_fails_fails_every_trial_needing_it_without_racing(sweep, coco):
+    """The dataset both trials read is built once, before the trials; when that fails, both trials
+    fail with its error and no trial tries to build it again."""
+    workdir, run = sweep
+    assert run("--grid", "proposer.loc_threshold=0.02,0.03", "--set", f"data.val_ann={coco['broken']}") == 1
+    _, runs = mlflow_runs(workdir)
+    parent = sweep_parent(runs, "pipeline sweep grid --grid proposer.loc_threshold=0.02,0.03")
+    nested = children(runs, parent)
+    assert [r.data.tags["node"] for r in nested if r.data.tags.get("sweep_run") != "trial"] == ["data"]
+    trials = [r for r in nested if r.data.tags.get("sweep_run") == "trial"]
+    assert len(trials) == 2
+    for trial in trials:
+        assert trial.info.status == "FAILED" and not children(runs, trial)  # never launched
+        assert trial.data.tags["error"].startswith("shared node failed: data: DatasetError")

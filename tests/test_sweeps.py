@@ -157,3 +157,14 @@ def test_cli_lists_sweeps_and_rejects_bad_requests(capsys):
                           (["sweep", "--grid", "proposer.nope=1,2"], "unknown config key 'proposer.nope'")):
         assert main(argv) == 2, argv
         assert message in capsys.readouterr().err
+
+
+def test_trial_drivers_reserve_no_cpu_by_default():
+    """A trial's driver only waits on its stages: reserving even 0.01 CPU each left two trials'
+    1-CPU training workers without a second whole core on this 2-core machine."""
+    assert resolve("default").sweep.trial_resources() == {"CPU": 0.0, "GPU": 0.0, "memory": 256 * 2**20}
+    for override, key in (("sweep.trial_memory_mb=0", "sweep.trial_memory_mb"),
+                          ("sweep.max_concurrent_trials=0", "sweep.max_concurrent_trials"),
+                          ("sweep.trial_cpus=-1", "sweep.trial_cpus")):
+        with pytest.raises(ConfigError, match=key):
+            resolve("default", [override])
