@@ -202,16 +202,14 @@ def _run_sweep(args, sweep, cfg: PipelineConfig, trials) -> int:
     uri = tracking.tracking_uri(workdir)
     tracking.check_reachable(uri)
     runtime.check_address()
-    config_file = workdir / "sweeps" / sweep.name / "config.yaml"
-    atomic_write(config_file, to_yaml(cfg).encode())
     command = " ".join(["pipeline sweep", sweep.name] + [f"--grid {g}" for g in args.grid]
                        + [f"--target {t}" for t in args.target] + ([f"--seeds {args.seeds}"] if args.seeds else []))
     tracker = tracking.Tracker(uri, cfg.name, workdir, {"preset": args.preset, "command": command, "git_sha": tracking.git_sha()})
-    ok, table_file = run_sweep(sweep, planned, args.seeds, cfg, store, tracker, workdir, config_file, args.verbose)
+    ok, out_dir = run_sweep(sweep, planned, args.seeds, cfg, store, tracker, workdir, args.verbose)
     print()
     print(render(table_rows(sweep, planned, args.seeds)))
     print()
-    print(f"total {time.perf_counter() - started:.1f}s; table: {table_file}")
+    print(f"total {time.perf_counter() - started:.1f}s; table: {out_dir / 'table.md'}")
     print(f"MLflow: {uri}  (mlflow ui --backend-store-uri {uri}); "
           f"the trials: tags.sweep_run = 'trial' and tags.sweep_key = '{sweep_key(sweep.name, planned, args.seeds)}'")
     if ok:

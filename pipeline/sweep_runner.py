@@ -173,14 +173,24 @@ def trial_metrics(store: ArtifactStore, planned: PlannedTrial, cached: set[str])
 # ---- the driver -----------------------------------------------------------------------------
 
 
+def sweep_dir(workdir: Path, name: str, key: str) -> Path:
+    """Where a sweep's table, config and trial configs go: one directory per sweep key, so two
+    ad-hoc grids (both named ``grid``) never overwrite each other's table."""
+    return workdir / "sweeps" / f"{name}-{key[:12]}"
+
+
 def run_sweep(sweep: Sweep, planned: list[PlannedTrial], seeds: int | None, base_cfg: PipelineConfig,
-              store: ArtifactStore, tracker: Tracker, workdir: Path, config_file: Path, verbose: bool) -> tuple[bool, Path]:
-    """Run the pending trials of a sweep on Ray Tune; returns (all ok, the table file)."""
+              store: ArtifactStore, tracker: Tracker, workdir: Path, verbose: bool) -> tuple[bool, Path]:
+    """Run the pending trials of a sweep on Ray Tune; returns (all ok, the sweep's directory:
+    ``table.md``, ``table.json``, ``config.yaml``, ``trials/<trial key>.yaml``)."""
     key = sweep_key(sweep.name, planned, seeds)
+    out_dir = sweep_dir(workdir, sweep.name, key)
+    config_file = out_dir / "config.yaml"
+    atomic_write(config_file, to_yaml(base_cfg).encode())
     parent_id, _ = tracker.open_run(f"sweep {sweep.name}", {"sweep_key": key, "sweep": sweep.name, "sweep_run": "sweep"}, {
         **flatten(to_dict(base_cfg)), "sweep": sweep.name, "trials": len(planned), "seeds": seeds or 1})
     tracker.parent_id = parent_id
-    groups = _open_trial_runs(sweep, planned, seeds, key, tracker, parent_id, workdir)
+    groups = _open_trial_runs(sweep, planned, seeds, key, tracker, parent_id, out_dir)
     pending = [p for p in planned if p.state == PENDING]
     logger.info("sweep %s (key %s): %d trials, %d finished earlier, %d to run", sweep.name, key[:12], len(planned),
                 len(planned) - len(pending), len(pending))
@@ -204,17 +214,17 @@ def run_sweep(sweep: Sweep, planned: list[PlannedTrial], seeds: int | None, base
     _finish_aggregates(groups, tracker)
     ok = all(p.state in (DONE, CACHED) for p in planned)
     interrupted = any(p.state == INTERRUPTED for p in planned)
-    table_file = write_tables(sweep, planned, seeds, workdir / "sweeps" / sweep.name)
+    table_file = write_tables(sweep, planned, seeds, out_dir)
     tracker.finish_run(parent_id, {}, {"trials_failed": str(sum(p.state == FAILED for p in planned))},
                        error=None if ok else "interrupted" if interrupted else "some trials failed",
                        artifacts=[config_file, table_file, table_file.with_suffix(".json")])
     if interrupted:
         tracker.set_status(parent_id, "KILLED")
-    return ok, table_file
+    return ok, out_dir
 
 
 def _open_trial_runs(sweep: Sweep, planned: list[PlannedTrial], seeds: int | None, key: str, tracker: Tracker,
-                     parent_id: str, workdir: Path) -> dict[str, tuple[str, list[PlannedTrial]]]:
+                     parent_id: str, out_dir: Path) -> dict[str, tuple[str, list[PlannedTrial]]]:
     """Find or create every trial's run (and with --seeds each point's aggregate run); a trial
     whose run FINISHED is done, with its metrics. Returns ``{point: (aggregate run, trials)}``."""
     groups: dict[str, tuple[str, list[PlannedTrial]]] = {}
@@ -239,7 +249,7 @@ def _open_trial_runs(sweep: Sweep, planned: list[PlannedTrial], seeds: int | Non
             p.state = CACHED
             _, p.metrics, _ = tracker.run_record(run_id)
         else:
-            config_file = workdir / "sweeps" / sweep.name / "trials" / f"{p.key}.yaml"
+            config_file = out_dir / "trials" / f"{p.key}.yaml"
             atomic_write(config_file, to_yaml(p.cfg).encode())
             tracker.log_artifact(run_id, config_file)
     return groups

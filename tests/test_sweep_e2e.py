@@ -57,6 +57,11 @@ def mlflow_runs(workdir):
     return client, client.search_runs([exp.experiment_id], max_results=5000)
 
 
+def sweep_files(workdir, parent):
+    """The sweep's directory: ``sweeps/<name>-<sweep key>/``."""
+    return workdir / "sweeps" / f"grid-{parent.data.tags['sweep_key'][:12]}"
+
+
 def children(runs, parent):
     return [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
 
@@ -89,14 +94,15 @@ def test_a_training_sweep_runs_on_tune_and_a_second_run_runs_nothing(sweep, coco
         eval_run = nodes["eval_proposals/ga_rpn"]
         assert trial.data.tags["produced_by_run_id"] == eval_run.info.run_id
         assert trial.data.metrics["AR_1000"] == pytest.approx(eval_run.data.metrics["AR_1000"])
-    table = (workdir / "sweeps" / "grid" / "table.md").read_text()
+    table = (sweep_files(workdir, parent) / "table.md").read_text()
     assert "approx_samples=3" in table and "approx_samples=9" in table
-    assert json.loads((workdir / "sweeps" / "grid" / "table.json").read_text())["trials"][0]["state"] == "done"
+    assert json.loads((sweep_files(workdir, parent) / "table.json").read_text())["trials"][0]["state"] == "done"
+    assert len(list((sweep_files(workdir, parent) / "trials").glob("*.yaml"))) == 2
 
     before = len(mlflow_runs(workdir)[1])
     assert run("--grid", "proposer.approx_samples=3,9", "--set", f"data.val_ann={coco['val_ann']}") == 0
     assert len(mlflow_runs(workdir)[1]) == before
-    assert "done (earlier run)" in (workdir / "sweeps" / "grid" / "table.md").read_text()
+    assert "done (earlier run)" in (sweep_files(workdir, parent) / "table.md").read_text()
 
 
 def test_four_concurrent_trials_with_seeds_lose_no_run_or_metric(sweep, coco):
@@ -131,7 +137,7 @@ def test_four_concurrent_trials_with_seeds_lose_no_run_or_metric(sweep, coco):
         assert agg.info.status == "FINISHED" and agg.data.params["seeds"] == "2"
         assert agg.data.metrics["AR_1000"] == pytest.approx(sum(values) / 2)
         assert agg.data.metrics["AR_1000_std"] == pytest.approx(abs(values[0] - values[1]) / 2 ** 0.5)
-    table = (workdir / "sweeps" / "grid" / "table.md").read_text()
+    table = (sweep_files(workdir, parent) / "table.md").read_text()
     assert "| seeds |" in table and "| 2/2 |" in table and " ± " in table
 
 
@@ -154,9 +160,9 @@ def test_a_failed_trial_is_reported_and_does_not_sink_the_sweep(sweep, coco, cap
     assert good.data.metrics["AR_1000"] == pytest.approx(producer.data.metrics["AR_1000"])
     assert bad.info.status == "FAILED"
     assert "data: DatasetError" in bad.data.tags["error"] and str(coco["broken"]) in bad.data.tags["error"]
-    rows = json.loads((workdir / "sweeps" / "grid" / "table.json").read_text())["trials"]
+    rows = json.loads((sweep_files(workdir, parent) / "table.json").read_text())["trials"]
     assert [r["state"] for r in rows] == ["done", "FAILED"] and "duplicate image id" in rows[1]["error"]
-    assert "duplicate image id" in (workdir / "sweeps" / "grid" / "table.md").read_text()
+    assert "duplicate image id" in (sweep_files(workdir, parent) / "table.md").read_text()
 
 
 def test_a_shared_node_that_fails_fails_every_trial_needing_it_without_racing(sweep, coco):
