@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import yaml
@@ -183,7 +183,7 @@ def with_axes(sweep: Sweep, specs: Sequence[str]) -> Sweep:
     clash = {a.name for a in extra} & {a.name for a in sweep.axes}
     if clash:
         raise ConfigError(f"--grid {', '.join(sorted(clash))}: already an axis of sweep {sweep.name!r}")
-    return Sweep(sweep.name, sweep.doc, sweep.axes + extra, sweep.target, sweep.base, sweep.keep, sweep.paper)
+    return replace(sweep, axes=sweep.axes + extra)
 
 
 def expand(sweep: Sweep, base_seed: int, seeds: int | None = None) -> list[Trial]:
