@@ -224,22 +224,23 @@ def run_sweep(sweep: Sweep, planned: list[PlannedTrial], seeds: int | None, base
 
 
 def _open_trial_runs(sweep: Sweep, planned: list[PlannedTrial], seeds: int | None, key: str, tracker: Tracker,
-                     parent_id: str, out_dir: Path) -> dict[str, tuple[str, list[PlannedTrial]]]:
+                     parent_id: str, out_dir: Path) -> dict[str, tuple[str, bool, list[PlannedTrial]]]:
     """Find or create every trial's run (and with --seeds each point's aggregate run); a trial
-    whose run FINISHED is done, with its metrics. Returns ``{point: (aggregate run, trials)}``."""
-    groups: dict[str, tuple[str, list[PlannedTrial]]] = {}
+    whose run FINISHED is done, with its metrics. Returns ``{point: (aggregate run, whether it
+    had finished, trials)}``."""
+    groups: dict[str, tuple[str, bool, list[PlannedTrial]]] = {}
     for p in planned:
         parent = parent_id
         if seeds:
             if p.trial.point not in groups:
                 params = {k: v for k, v in p.trial.params.items() if k != "seed"}
-                agg, _ = tracker.open_run(f"{p.trial.point} (mean of {seeds} seeds)",
+                agg, agg_earlier = tracker.open_run(f"{p.trial.point} (mean of {seeds} seeds)",
                                           {"sweep_key": key, "sweep": sweep.name, "sweep_run": "point",
                                            "point_key": _digest([key, p.trial.point])},
                                           {**params, "point": p.trial.point, "seeds": seeds}, parent_id)
-                groups[p.trial.point] = (agg, [])
+                groups[p.trial.point] = (agg, agg_earlier == "FINISHED", [])
             parent = groups[p.trial.point][0]
-            groups[p.trial.point][1].append(p)
+            groups[p.trial.point][2].append(p)
         run_id, earlier = tracker.open_run(
             p.trial.point + (f" seed {p.trial.seed}" if seeds else ""), {"sweep_key": key, "sweep": sweep.name, "sweep_run": "trial",
                                                                    "trial_key": p.key},
@@ -324,9 +325,12 @@ def _error_line(error: BaseException) -> str:
     return f"{type(cause).__name__}: {cause}".splitlines()[0]
 
 
-def _finish_aggregates(groups: dict[str, tuple[str, list[PlannedTrial]]], tracker: Tracker) -> None:
-    """Each point's aggregate run: mean and ``_std`` of every metric over its finished seeds."""
-    for agg, trials in groups.values():
+def _finish_aggregates(groups: dict[str, tuple[str, bool, list[PlannedTrial]]], tracker: Tracker) -> None:
+    """Each point's aggregate run: mean and ``_std`` of every metric over its finished seeds
+    (left as it is when it and all its seeds had finished before this invocation)."""
+    for agg, had_finished, trials in groups.values():
+        if had_finished and all(p.state == CACHED for p in trials):
+            continue
         finished = [p.metrics for p in trials if p.state in (DONE, CACHED)]
         unfinished = len(trials) - len(finished)
         tracker.finish_run(agg, aggregate(finished), {"seeds_finished": str(len(finished))},

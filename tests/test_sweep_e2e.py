@@ -140,6 +140,13 @@ def test_four_concurrent_trials_with_seeds_lose_no_run_or_metric(sweep, coco):
     table = (sweep_files(workdir, parent) / "table.md").read_text()
     assert "| seeds |" in table and "| 2/2 |" in table and " ± " in table
 
+    # run again: nothing runs, no run is added, the aggregates are not logged twice
+    assert run("--grid", "proposer.loc_threshold=0.0,0.05", "--seeds", "2", "--set", "sweep.max_concurrent_trials=4",
+               "--set", f"data.val_ann={coco['val_ann']}") == 0
+    client, again = mlflow_runs(workdir)
+    assert len(again) == len(runs)
+    assert all(len(client.get_metric_history(agg.info.run_id, "AR_1000")) == 1 for agg in aggregates)
+
 
 def test_a_failed_trial_is_reported_and_does_not_sink_the_sweep(sweep, coco, capsys):
     workdir, run = sweep
