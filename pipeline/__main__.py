@@ -192,7 +192,8 @@ def _sweep(args: argparse.Namespace) -> int:
 
 def _run_sweep(args, sweep, cfg: PipelineConfig, trials) -> int:
     from pipeline import runtime, tracking
-    from pipeline.sweep_runner import INTERRUPTED, plan_trials, render, run_sweep, sweep_key, table_rows
+    from pipeline.sweep_runner import plan_trials, run_sweep, sweep_key
+    from pipeline.sweep_table import INTERRUPTED, render, table_rows
 
     started = time.perf_counter()
     preset_name = Path(args.preset).stem

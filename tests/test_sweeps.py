@@ -5,7 +5,8 @@ import pytest
 
 from pipeline.__main__ import main
 from pipeline.config import ConfigError, resolve
-from pipeline.sweep_runner import DONE, FAILED, PlannedTrial, aggregate, plan_trials, render, table_rows
+from pipeline.sweep_runner import plan_trials
+from pipeline.sweep_table import DONE, FAILED, PlannedTrial, aggregate, render, table_rows
 from pipeline.sweeps import SWEEPS, adhoc_sweep, describe, expand, parse_grid, with_axes
 
 
