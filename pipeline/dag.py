@@ -97,6 +97,11 @@ def keyed_config(obj: Any, drop_inference: bool) -> Any:
     return obj
 
 
+def digest(payload: Any) -> str:
+    """A key: the first 20 hex digits of the sha256 of ``payload`` as sorted JSON."""
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:20]
+
+
 def stage_code_digests(code_root: Path = ROOT) -> dict[str, str]:
     """Every stage's code digest (``code_digest`` of its module), by stage name."""
     return {stage.name: code_digest(stage.module.__name__, code_root) for stage in STAGES}
@@ -119,8 +124,7 @@ def cache_keys(cfg: PipelineConfig, dag: dict[str, Node], code_root: Path = ROOT
             "inputs": {d: keys[d] for d in node.deps},
             "code": code[stage.name],
         }
-        blob = json.dumps(payload, sort_keys=True).encode()
-        keys[node.id] = hashlib.sha256(blob).hexdigest()[:20]
+        keys[node.id] = digest(payload)
     return keys
 
 

@@ -124,14 +124,19 @@ def _run_one(cfg, step: Step, store: ArtifactStore, keys, manifests, tracker, ve
             tracker.finish_node(run_id, final, [store.local_dir(stage.name, step.key) / a for a in result.artifacts])
     except Exception as e:  # reported per node; the CLI exits non-zero
         seconds = time.perf_counter() - started
-        cause = e.cause if isinstance(e, ray.exceptions.RayTaskError) and e.cause is not None else e
-        message = f"{type(cause).__name__}: {cause}".splitlines()[0]
+        message = error_line(e)
         logger.error("! %-30s FAILED after %.1fs: %s\n%s", node.id, seconds, message, traceback.format_exc())
         if tracker:
             tracker.finish_node(run_id, {}, ok=False)
         return Outcome(node.id, stage.name, step.key, False, seconds, error=message), None
     logger.info("< %-30s done in %s", node.id, _duration(seconds))
     return Outcome(node.id, stage.name, step.key, False, seconds, dict(result.metrics), dict(result.outputs)), manifest
+
+
+def error_line(error: BaseException) -> str:
+    """``"Type: message"`` of the root error (a Ray task's own exception, not Ray's wrapper), first line."""
+    cause = error.cause if isinstance(error, ray.exceptions.RayTaskError) and error.cause is not None else error
+    return f"{type(cause).__name__}: {cause}".splitlines()[0]
 
 
 def summary_table(outcomes: dict[str, Outcome]) -> str:

@@ -19,22 +19,19 @@ concurrent trials never build the same node.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
 
 import ray
 from ray import tune
 
 from pipeline import logs, runtime
 from pipeline.config import ConfigError, PipelineConfig, flatten, to_dict, to_yaml
-from pipeline.dag import build_dag, cache_keys, make_plan, stage_code_digests
-from pipeline.runner import execute
+from pipeline.dag import build_dag, cache_keys, digest, make_plan, stage_code_digests
+from pipeline.runner import error_line, execute
 from pipeline.store import ArtifactStore
 from pipeline.sweep_table import (
     CACHED,
@@ -56,10 +53,6 @@ from stages.io import atomic_write
 
 logger = logging.getLogger(__name__)
 RAY_TUNE_DIR = "_ray_tune"
-def _digest(payload: Any) -> str:
-    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:20]
-
-
 def plan_trials(sweep: Sweep, trials: Sequence[Trial], preset: str, overrides: Sequence[str],
                 base_cfg: PipelineConfig, targets: Sequence[str] = ()) -> list[PlannedTrial]:
     """Every trial's config, node keys and target nodes (checked to exist): ``targets`` when
@@ -93,7 +86,7 @@ def plan_trials(sweep: Sweep, trials: Sequence[Trial], preset: str, overrides: S
         if unevaluated:
             raise ConfigError(f"--target {', '.join(unevaluated)}: not an evaluation node "
                               f"({' or '.join(f'{s}/...' for s in TARGET_METRICS)})")
-        key = _digest({"point": trial.point, "seed": trial.seed, "targets": {n: node_keys[n] for n in nodes}})
+        key = digest({"point": trial.point, "seed": trial.seed, "targets": {n: node_keys[n] for n in nodes}})
         planned.append(PlannedTrial(trial, cfg, node_keys, nodes, key))
     return planned
 
@@ -107,7 +100,7 @@ def _varied_evaluations(base_cfg: PipelineConfig, keys: list[dict[str, str]], co
 
 
 def sweep_key(name: str, planned: Sequence[PlannedTrial], seeds: int | None) -> str:
-    return _digest({"sweep": name, "seeds": seeds, "trials": [p.key for p in planned]})
+    return digest({"sweep": name, "seeds": seeds, "trials": [p.key for p in planned]})
 
 
 @dataclass(frozen=True)
@@ -141,7 +134,7 @@ def run_trial(config: dict, job: SweepJob) -> None:
             raise TrialFailed("; ".join(failed) or "interrupted before every node ran")
         metrics, tags = trial_metrics(job.store, planned, {n for n, o in outcomes.items() if o.cached})
     except Exception as e:
-        tracker.finish_run(planned.run_id, {}, error=f"{type(e).__name__}: {e}".splitlines()[0])
+        tracker.finish_run(planned.run_id, {}, error=error_line(e))
         raise
     tracker.finish_run(planned.run_id, metrics, tags)
     tune.report({**metrics, "cache_hit": tags["cache_hit"] == "true"})
@@ -230,7 +223,7 @@ def _open_trial_runs(sweep: Sweep, planned: list[PlannedTrial], seeds: int | Non
                 params = {k: v for k, v in p.trial.params.items() if k != "seed"}
                 agg, agg_earlier = tracker.open_run(f"{p.trial.point} (mean of {seeds} seeds)",
                                           {"sweep_key": key, "sweep": sweep.name, "sweep_run": "point",
-                                           "point_key": _digest([key, p.trial.point])},
+                                           "point_key": digest([key, p.trial.point])},
                                           {**params, "point": p.trial.point, "seeds": seeds}, parent_id)
                 groups[p.trial.point] = (agg, agg_earlier == "FINISHED", [])
             parent = groups[p.trial.point][0]
@@ -302,7 +295,7 @@ def _tune(sweep: Sweep, pending: list[PlannedTrial], planned: list[PlannedTrial]
             verbose=0,
         ),
     )
-    errors = {r.config["trial"]["index"]: _error_line(r.error) for r in tuner.fit() if r.error is not None}
+    errors = {r.config["trial"]["index"]: error_line(r.error) for r in tuner.fit() if r.error is not None}
     for p in pending:
         status, metrics, tags = tracker.run_record(p.run_id)
         if status == "FINISHED":
@@ -312,11 +305,6 @@ def _tune(sweep: Sweep, pending: list[PlannedTrial], planned: list[PlannedTrial]
         else:  # Tune stopped on Ctrl-C before the trial ended
             p.state, p.error = INTERRUPTED, "interrupted: run the sweep again to finish it"
             tracker.set_status(p.run_id, "KILLED")
-
-
-def _error_line(error: BaseException) -> str:
-    cause = getattr(error, "cause", None) or error
-    return f"{type(cause).__name__}: {cause}".splitlines()[0]
 
 
 def _finish_aggregates(groups: dict[str, tuple[str, bool, list[PlannedTrial]]], tracker: Tracker) -> None:
