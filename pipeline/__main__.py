@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 import time
 from pathlib import Path
@@ -22,11 +23,12 @@ DESCRIPTION = """Guided Anchoring experiment pipeline: trains the RPN baseline a
 caches their proposals to Parquet, evaluates them, writes a report, and logs it all to MLflow.
 
 commands:
-  full              the whole DAG (data, train, proposals, eval_proposals, report)
+  full              the whole DAG (data, train, proposals, eval_proposals, detectors, visualize), then the report
   run STAGE         one stage (all variants, or --variant) and whatever it needs that is not cached
   plan [STAGE]      print the DAG, each node's cache key, and whether it will run or is cached, and why
   data              generate (synthetic) or validate (COCO) the dataset only
   sweep NAME        a Ray Tune sweep of the paper's ablations (sweep --list), or --grid KEY=V1,V2
+  report            the report of the work directory (paper tables beside what is measured; runs nothing)
 """
 
 
@@ -70,6 +72,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     sweep.add_argument("--target", action="append", default=[], metavar="NODE",
                        help="evaluate these nodes, e.g. eval_proposals/ga_rpn (default: the sweep's own; for --grid, "
                             "every evaluation the grid changes)")
+    sub.add_parser("report", parents=[base], help="write the report of the work directory (runs nothing)",
+                   description="Write report.md and report.html into the work directory from what is there: this "
+                               "config's evaluated nodes and every sweep's table; what is missing shows as pending.")
     return parser.parse_args(argv)
 
 
@@ -102,6 +107,8 @@ def _main(args: argparse.Namespace) -> int:
 
     if args.command == "sweep":
         return _sweep(args)
+    if args.command == "report":
+        return _report(args)
     cfg = resolve(args.preset, args.overrides)
     check_paths(cfg.data)
     dag = build_dag(cfg, (args.variant,) if args.variant else None)
@@ -149,9 +156,8 @@ def _run(args, cfg: PipelineConfig, plan, keys, store: ArtifactStore, workdir: P
         outcomes = execute(cfg, plan, store, keys, tracker, verbose=args.verbose)
         ok = all(o.error is None for o in outcomes.values()) and len(outcomes) == len(plan)
         summary_file = _write_summary(workdir, summary_json(outcomes))
-        report = next((store.uri(o.stage, o.key, o.outputs["report"]) for o in outcomes.values()
-                       if "report" in o.outputs and o.error is None), None)
-        tracker.finish_parent(ok, [summary_file] + ([Path(report)] if report and store.is_local else []))
+        written = _publish_report(cfg, store, workdir, tracker, f"pipeline {args.command}") if args.command == "full" else None
+        tracker.finish_parent(ok and written is not False, [summary_file])
     finally:
         if owns_ray:
             import ray
@@ -160,9 +166,9 @@ def _run(args, cfg: PipelineConfig, plan, keys, store: ArtifactStore, workdir: P
     print()
     print(summary_table(outcomes))
     print()
+    if written:
+        print(_report_summary(written))
     print(f"total {time.perf_counter() - started:.1f}s; summary: {summary_file}")
-    if report:
-        print(f"report: {report}")
     print(f"MLflow: {uri}  (mlflow ui --backend-store-uri {uri})")
     if not ok:
         missing = [s.node.id for s in plan if s.node.id not in outcomes]
@@ -207,9 +213,12 @@ def _run_sweep(args, sweep, cfg: PipelineConfig, trials) -> int:
                        + [f"--target {t}" for t in args.target] + ([f"--seeds {args.seeds}"] if args.seeds else []))
     tracker = tracking.Tracker(uri, cfg.name, workdir, {"preset": args.preset, "command": command, "git_sha": tracking.git_sha()})
     ok, out_dir = run_sweep(sweep, planned, args.seeds, cfg, store, tracker, workdir, args.verbose)
+    written = _publish_report(cfg, store, workdir, tracker, command)
     print()
     print(render(table_rows(sweep, planned, args.seeds)))
     print()
+    if written:
+        print(_report_summary(written))
     print(f"total {time.perf_counter() - started:.1f}s; table: {out_dir / 'table.md'}")
     print(f"MLflow: {uri}  (mlflow ui --backend-store-uri {uri}); "
           f"the trials: tags.sweep_run = 'trial' and tags.sweep_key = '{sweep_key(sweep.name, planned, args.seeds)}'")
@@ -223,6 +232,45 @@ def _run_sweep(args, sweep, cfg: PipelineConfig, trials) -> int:
     failed = [f"{p.trial.point} (seed {p.trial.seed})" for p in planned if p.error]
     print(f"pipeline: error: {len(failed)} of {len(planned)} trials failed: {', '.join(failed)}", file=sys.stderr)
     return 1
+
+
+def _report(args: argparse.Namespace) -> int:
+    from pipeline import tracking
+
+    cfg = resolve(args.preset, args.overrides)
+    preset_name = Path(args.preset).stem
+    workdir = Path(args.workdir or Path("runs", preset_name))
+    store = ArtifactStore(args.store or workdir)
+    uri = tracking.tracking_uri(workdir)
+    tracking.check_reachable(uri)
+    tracker = tracking.Tracker(uri, cfg.name, workdir, {"preset": args.preset, "command": "pipeline report",
+                                                        "git_sha": tracking.git_sha()})
+    tracker.start_parent(f"report {preset_name}", flatten(to_dict(cfg)))
+    written = _publish_report(cfg, store, workdir, tracker, "pipeline report")
+    tracker.finish_parent(bool(written))
+    if not written:
+        return 1
+    print(_report_summary(written))
+    return 0
+
+
+def _publish_report(cfg: PipelineConfig, store: ArtifactStore, workdir: Path, tracker, command: str):
+    """The report of the work directory, logged to the invocation's run; False (and the error
+    on stderr) when it could not be written: the results it reads are left as they were."""
+    from pipeline.report import publish
+
+    try:
+        return publish(cfg, store, workdir, tracker, tracker.parent_id, command)
+    except Exception as e:  # a broken report must not hide the run's own outcome
+        logging.getLogger(__name__).debug("report failed", exc_info=True)
+        print(f"pipeline: error: the report could not be written: {type(e).__name__}: {e}", file=sys.stderr)
+        return False
+
+
+def _report_summary(written) -> str:
+    from pipeline.report import summary
+
+    return summary(written)
 
 
 def _write_summary(workdir: Path, summary: dict) -> Path:

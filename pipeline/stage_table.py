@@ -24,7 +24,17 @@ from types import ModuleType
 from typing import Any, Literal
 
 from pipeline.config import VARIANTS, PipelineConfig
-from stages import data, detection, eval_detector, eval_proposals, finetune, proposals, report, train_detector, train_proposer
+from stages import (
+    data,
+    detection,
+    eval_detector,
+    eval_proposals,
+    finetune,
+    proposals,
+    train_detector,
+    train_proposer,
+    visualize,
+)
 from stages.training import TrainConfig
 
 
@@ -152,9 +162,10 @@ STAGES: tuple[Stage, ...] = (
         resources=_inference,
     ),
     Stage(
-        "report", report, deps=lambda cfg, v: ("eval_proposals/*", "eval_detector/*"),
-        config=lambda cfg, v: report.ReportConfig(cfg.data, cfg.proposer, cfg.train, cfg.detector),
-        key_metrics=(*(f"gap_{m}" for m in report.GAP_METRICS), *(f"gap_AP_{n}" for n in report.AP_GAPS)),
+        "visualize", visualize,
+        deps=lambda cfg, v: ("data", "train/rpn", "train/ga_rpn", "proposals/rpn", "proposals/ga_rpn"),
+        config=lambda cfg, v: visualize.VisualizeConfig(cfg.proposer_for("rpn"), cfg.proposer_for("ga_rpn")),
+        key_metrics=("loc_kept_fraction", "gt_centers_dropped", "guided_anchors_per_image"),
     ),
 )
 STAGE_NAMES: tuple[str, ...] = tuple(s.name for s in STAGES)

@@ -201,7 +201,7 @@ def run_sweep(sweep: Sweep, planned: list[PlannedTrial], seeds: int | None, base
     _finish_aggregates(groups, tracker)
     ok = all(p.state in (DONE, CACHED) for p in planned)
     interrupted = any(p.state == INTERRUPTED for p in planned)
-    table_file = write_tables(sweep, planned, seeds, out_dir)
+    table_file = write_tables(sweep, planned, seeds, out_dir, key)
     tracker.finish_run(parent_id, {}, {"trials_failed": str(sum(p.state == FAILED for p in planned))},
                        error=None if ok else "interrupted" if interrupted else "some trials failed",
                        artifacts=[config_file, table_file, table_file.with_suffix(".json")])
@@ -226,7 +226,7 @@ def _open_trial_runs(sweep: Sweep, planned: list[PlannedTrial], seeds: int | Non
                                            "point_key": digest([key, p.trial.point])},
                                           {**params, "point": p.trial.point, "seeds": seeds}, parent_id)
                 groups[p.trial.point] = (agg, agg_earlier == "FINISHED", [])
-            parent = groups[p.trial.point][0]
+            parent = p.point_run_id = groups[p.trial.point][0]
             groups[p.trial.point][2].append(p)
         run_id, earlier = tracker.open_run(
             p.trial.point + (f" seed {p.trial.seed}" if seeds else ""), {"sweep_key": key, "sweep": sweep.name, "sweep_run": "trial",

@@ -5,6 +5,7 @@ Markdown, written with every trial's record as JSON. No Ray or MLflow here."""
 from __future__ import annotations
 
 import statistics
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,6 +16,7 @@ from stages.io import atomic_write, write_json
 
 DONE, FAILED, PENDING, RUNNING, CACHED = "done", "FAILED", "pending", "running", "done (earlier run)"
 INTERRUPTED = "interrupted"
+TIME_FORMAT = "%Y-%m-%d %H:%M:%S UTC"  # when a table was written (sortable)
 
 
 @dataclass
@@ -27,6 +29,7 @@ class PlannedTrial:
     targets: tuple[str, ...]
     key: str
     run_id: str | None = None
+    point_run_id: str | None = None  # with --seeds: the point's aggregate run
     state: str = PENDING
     metrics: dict[str, float] = field(default_factory=dict)
     error: str | None = None
@@ -116,14 +119,18 @@ def render(rows: Sequence[Mapping[str, str]], markdown: bool = False) -> str:
     return "\n".join(lines)
 
 
-def write_tables(sweep: Sweep, planned: Sequence[PlannedTrial], seeds: int | None, out_dir: Path) -> Path:
-    """``table.md`` (the sweep's table, paper beside) and ``table.json`` (every trial) under ``out_dir``."""
+def write_tables(sweep: Sweep, planned: Sequence[PlannedTrial], seeds: int | None, out_dir: Path, key: str) -> Path:
+    """``table.md`` (the sweep's table, paper beside) and ``table.json`` (the sweep's key, when it
+    was written, every trial) under ``out_dir``."""
     rows = table_rows(sweep, planned, seeds)
     md = out_dir / "table.md"
     text = f"# Sweep `{sweep.name}`\n\n{sweep.doc}.\n\n{render(rows, markdown=True)}\n"
     atomic_write(md, text.encode())
-    write_json(md.with_suffix(".json"), {"sweep": sweep.name, "seeds": seeds or 1, "trials": [
+    written = time.strftime(TIME_FORMAT, time.gmtime())
+    write_json(md.with_suffix(".json"), {"sweep": sweep.name, "sweep_key": key, "written": written, "seeds": seeds or 1,
+                                         "trials": [
         {"point": p.trial.point, "params": dict(p.trial.params), "state": p.state, "metrics": p.metrics,
-         "error": p.error, "run_id": p.run_id, "targets": list(p.targets), "trial_key": p.key}
+         "error": p.error, "run_id": p.run_id, "point_run_id": p.point_run_id, "targets": list(p.targets),
+         "trial_key": p.key}
         for p in planned]}, indent=2)
     return md

@@ -116,7 +116,17 @@ _TABLE7_IOU = Axis("rcnn_iou", tuple(
     Choice(f"rcnn_iou={iou}", {f"detector.{arm}.iou": iou for arm in ("baseline", "guided")}, {"rcnn_iou": iou})
     for iou in (0.5, 0.6)))
 
+_TABLE1 = Axis("table1", (
+    Choice("RPN", {}, {"table1": "RPN", "proposer": "rpn"}),
+    Choice("RPN + 9 anchors", {"proposer.rpn_anchor_scales": 3},
+           {"table1": "RPN + 9 anchors", "proposer": "rpn", "rpn_anchor_scales": 3}),
+    Choice("GA-RPN", {}, {"table1": "GA-RPN", "proposer": "ga_rpn"}),
+))
+
 SWEEPS: dict[str, Sweep] = {s.name: s for s in (
+    Sweep("table1", "RPN (1 and 3 anchor scales) and GA-RPN, the rows of Table 1; with --seeds N, their "
+          "mean and spread (the first seed reuses what `pipeline full` trained)",
+          (_TABLE1,), paper=lambda p: paper.TABLE1[p["table1"]]),
     Sweep("eps_l", "location threshold eps_L in {0, 0.01, 0.05, 0.1, 0.2} (Table 5); inference only: "
           "every trial reuses one trained GA-RPN",
           (over("proposer.loc_threshold", (0.0, 0.01, 0.05, 0.1, 0.2)),),

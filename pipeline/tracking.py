@@ -49,6 +49,15 @@ def check_reachable(uri: str, timeout: float = 3.0) -> None:
         raise TrackingError(f"MLflow tracking URI {uri}: unsupported scheme {parsed.scheme!r}")
 
 
+UI_DEFAULT = "http://127.0.0.1:5000"  # where ``mlflow ui`` serves a local store
+
+
+def ui_url(uri: str) -> str:
+    """The MLflow UI of a tracking URI: the server itself for HTTP(S), else ``mlflow ui``'s
+    default address (started with ``mlflow ui --backend-store-uri <uri>``)."""
+    return uri.rstrip("/") if urlparse(uri).scheme in ("http", "https") else UI_DEFAULT
+
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -121,11 +130,12 @@ class Tracker:
         self.base_tags = {k: v for k, v in base_tags.items() if v is not None}
         self.parent_id = parent_id  # node runs are nested under it
 
-    def start_parent(self, name: str, params: Mapping[str, object], config_file: Path) -> str:
+    def start_parent(self, name: str, params: Mapping[str, object], config_file: Path | None = None) -> str:
         run = self.client.create_run(self.experiment_id, run_name=name, tags=self.base_tags)
         self.parent_id = run.info.run_id
         self._log_params(self.parent_id, params)
-        self.client.log_artifact(self.parent_id, str(config_file))
+        if config_file is not None:
+            self.client.log_artifact(self.parent_id, str(config_file))
         return self.parent_id
 
     def finish_parent(self, ok: bool, artifacts: Iterable[Path] = ()) -> None:
@@ -141,13 +151,22 @@ class Tracker:
         return run.info.run_id
 
     def finish_node(self, run_id: str, metrics: Mapping[str, float], artifacts: Iterable[Path] = (), ok: bool = True) -> None:
-        self.client.log_batch(run_id, metrics=_metrics(metrics))
+        self.log(run_id, metrics, artifacts=artifacts)
+        self.client.set_terminated(run_id, "FINISHED" if ok else "FAILED")
+
+    def log(self, run_id: str, metrics: Mapping[str, float] | None = None, tags: Mapping[str, str] | None = None,
+            artifacts: Iterable[Path] = ()) -> None:
+        """Metrics, tags and artifacts (a directory goes under its own name) to a run."""
+        self.client.log_batch(run_id, metrics=_metrics(metrics or {}), tags=_tags(tags or {}))
         for path in artifacts:
             if Path(path).is_dir():
                 self.client.log_artifacts(run_id, str(path), artifact_path=Path(path).name)
             else:
                 self.client.log_artifact(run_id, str(path))
-        self.client.set_terminated(run_id, "FINISHED" if ok else "FAILED")
+
+    def run_url(self, run_id: str) -> str:
+        """The run's page in the MLflow UI (``ui_url``)."""
+        return f"{ui_url(self.uri)}/#/experiments/{self.experiment_id}/runs/{run_id}"
 
     def record_cache_hit(self, node_id: str, key: str, params: Mapping[str, object], manifest: Mapping) -> str:
         """A nested run saying "reused": cache key, producer run id, the output's metrics."""
@@ -202,9 +221,7 @@ class Tracker:
     def finish_run(self, run_id: str, metrics: Mapping[str, float], tags: Mapping[str, str] | None = None,
                    error: str | None = None, artifacts: Iterable[Path] = ()) -> None:
         """Log ``metrics``, ``tags`` and ``artifacts``; FINISHED, or FAILED with an ``error`` tag."""
-        self.client.log_batch(run_id, metrics=_metrics(metrics), tags=_tags({**(tags or {}), **({"error": error} if error else {})}))
-        for path in artifacts:
-            self.client.log_artifact(run_id, str(path))
+        self.log(run_id, metrics, {**(tags or {}), **({"error": error} if error else {})}, artifacts)
         self.client.set_terminated(run_id, "FAILED" if error else "FINISHED")
 
     def _log_params(self, run_id: str, params: Mapping[str, object]) -> None:

@@ -4,7 +4,6 @@ API: no pyplot state, so it is safe in any thread)."""
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import statistics
@@ -15,11 +14,13 @@ from pathlib import Path
 from matplotlib.figure import Figure
 
 from stages.contract import Executor, Input, Output, StageResult, only
-from stages.io import atomic_write, write_json
+from stages.io import write_json
 from stages.metrics import anchors_per_image, evaluate_proposals, load_ground_truth, recall_curves
+from stages.plots import save_png
 from stages.proposal_cache import ProposalCache
 
 PLOTS = ("recall_vs_proposals.png", "recall_vs_iou.png")
+CURVES = "curves.json"  # stages.metrics.recall_curves
 VARIANT_LABELS = {"rpn": "RPN", "ga_rpn": "GA-RPN"}
 
 
@@ -38,7 +39,7 @@ def run(cfg: EvalProposalsConfig, inputs: Mapping[str, Input], out: Output, exec
     stats = json.loads((prop_dir / proposals.outputs["stats"]).read_text())
     ann_file = data.local_dir() / data.outputs["splits"]["val"]["ann_file"]
     metrics = evaluate(ann_file, prop_dir / proposals.outputs["caches"]["val"], out.dir, stats["num_anchors"], stats["seconds"], cfg.label)
-    return StageResult(metrics, {"plots": list(PLOTS)}, (*PLOTS, "metrics.json"))
+    return StageResult(metrics, {"plots": list(PLOTS), "curves": CURVES}, (*PLOTS, "metrics.json", CURVES))
 
 
 def evaluate(
@@ -65,7 +66,7 @@ def evaluate(
     metrics["seconds_per_image"] = statistics.fmean(seconds) if seconds else float("nan")
     curves = recall_curves(gt, proposals)
     write_json(out_dir / "metrics.json", metrics)
-    write_json(out_dir / "curves.json", curves)
+    write_json(out_dir / CURVES, curves)
     plot_curves(curves, out_dir, label)
     return metrics
 
@@ -80,7 +81,7 @@ def plot_curves(curves: Mapping, out_dir: str | os.PathLike, label: str) -> None
     ax.set(xscale="log", xlabel="number of proposals", ylabel="recall", ylim=(0, 1), title=f"{label}: recall vs #proposals")
     ax.grid(True, alpha=0.3)
     ax.legend()
-    _save(fig, out_dir / PLOTS[0])
+    save_png(fig, out_dir / PLOTS[0])
 
     fig = Figure(figsize=(5, 4))
     ax = fig.subplots()
@@ -89,11 +90,5 @@ def plot_curves(curves: Mapping, out_dir: str | os.PathLike, label: str) -> None
     ax.set(xlabel="IoU threshold", ylabel="recall", ylim=(0, 1), title=f"{label}: recall vs IoU")
     ax.grid(True, alpha=0.3)
     ax.legend()
-    _save(fig, out_dir / PLOTS[1])
+    save_png(fig, out_dir / PLOTS[1])
 
-
-def _save(fig: Figure, path: Path) -> None:
-    buf = io.BytesIO()
-    fig.tight_layout()
-    fig.savefig(buf, format="png", dpi=100)
-    atomic_write(path, buf.getvalue())

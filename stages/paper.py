@@ -23,6 +23,8 @@ TABLE2: dict[str, float] = {
     "faster_rcnn": 37.1, "ga_faster_rcnn": 39.8,
     "retinanet": 35.9, "ga_retinanet": 37.1,
 }
+# Table 2's (baseline, guided) pairs.
+TABLE2_PAIRS = (("fast_rcnn_rpn", "fast_rcnn_ga_rpn"), ("faster_rcnn", "ga_faster_rcnn"), ("retinanet", "ga_retinanet"))
 # Table 3 (COCO val AP): a trained Faster R-CNN, and it fine-tuned on RPN / GA-RPN proposals.
 TABLE3: dict[str, float] = {"faster_rcnn": 37.4, "finetune_rpn": 37.3, "finetune_ga_rpn": 39.6}
 # Table 4: the location (L), shape (S) and feature adaption (F.A.) modules; the first row is RPN.
@@ -53,4 +55,13 @@ TABLE7: dict[tuple[str, int, float], float] = {
 APPROX_SAMPLES: dict[int, dict[str, float]] = {3: {"AR_1000": 68.3}, 9: {"AR_1000": 68.5}, 15: {"AR_1000": 68.5}}
 LAMBDA2: dict[float, dict[str, float]] = {
     0.02: {"AR_1000": 68.3}, 0.05: {"AR_1000": 68.4}, 0.1: {"AR_1000": 68.5}, 0.2: {"AR_1000": 68.4},
+}
+# The paper's setting, for the report's "differs from the paper" line.
+SETTING: dict[str, str] = {
+    "dataset": "COCO 2017 (train 118k images; val 5k)",
+    "backbone": "ResNet-50-FPN from ImageNet weights",
+    "image_size": "1333/800",
+    "schedule": "12 epochs x 16 images (8 GPUs), lr 0.02, x0.1 at epochs 8 and 11",
+    "seeds": "1 run per setting",
+    "hardware": "GPU (s/img on one GPU)",
 }

@@ -22,8 +22,6 @@ def test_smoke_dag_has_every_detector_node_with_its_inputs():
     assert dag["finetune/ga_rpn"].deps == ("data", "proposals/ga_rpn", "train_detector/faster_rcnn")
     assert dag["eval_detector/finetune_ga_rpn"].deps == ("finetune/ga_rpn", "data", "proposals/ga_rpn")
     assert dag["eval_detector/retinanet"].deps == ("train_detector/retinanet", "data")
-    assert set(dag["report"].deps) == {"eval_proposals/rpn", "eval_proposals/ga_rpn",
-                                       *(n for n in DETECTOR_NODES if n.startswith("eval_detector/"))}
     # the proposers' caches cover the train split only where a detector trains on them
     assert config_slice(cfg, dag["proposals/ga_rpn"]).splits == ("val", "train")
     assert config_slice(resolve("smoke", ["detector.variants=[faster_rcnn]", "detector.finetune=[]"]),
@@ -52,12 +50,12 @@ def test_settings_rekey_only_the_detectors_that_use_them():
 
     guided = changed("detector.guided.iou=0.7")
     assert guided == {"train_detector/fast_rcnn_ga_rpn", "train_detector/ga_faster_rcnn", "finetune/ga_rpn",
-                      "eval_detector/fast_rcnn_ga_rpn", "eval_detector/ga_faster_rcnn", "eval_detector/finetune_ga_rpn", "report"}
+                      "eval_detector/fast_rcnn_ga_rpn", "eval_detector/ga_faster_rcnn", "eval_detector/finetune_ga_rpn"}
     # proposals at test time are an inference setting: evaluations only
     assert changed("detector.baseline.proposals_test=500") == {
-        "eval_detector/fast_rcnn_rpn", "eval_detector/faster_rcnn", "eval_detector/finetune_rpn", "report"}
+        "eval_detector/fast_rcnn_rpn", "eval_detector/faster_rcnn", "eval_detector/finetune_rpn"}
     assert changed("detector.retina_octave_base_scale=3") == {
-        "train_detector/retinanet", "train_detector/ga_retinanet", "eval_detector/retinanet", "eval_detector/ga_retinanet", "report"}
+        "train_detector/retinanet", "train_detector/ga_retinanet", "eval_detector/retinanet", "eval_detector/ga_retinanet"}
     assert changed("detector.train.log_every=3", "detector.train.cpus_per_worker=0.5") == set()
 
 

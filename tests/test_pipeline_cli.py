@@ -82,10 +82,10 @@ def test_plan_lists_every_node_with_key_and_reason(tmp_path):
     assert proc.returncode == 0, proc.stderr
     lines = [line.split() for line in proc.stdout.splitlines()[1:]]
     assert [parts[0] for parts in lines] == ["data", "train/rpn", "train/ga_rpn", "proposals/rpn", "proposals/ga_rpn",
-                                             "eval_proposals/rpn", "eval_proposals/ga_rpn", *DETECTOR_NODES, "report"]
+                                             "eval_proposals/rpn", "eval_proposals/ga_rpn", *DETECTOR_NODES, "visualize"]
     assert all(len(parts[1]) == 12 and parts[2] == "RUN" and "no output yet" in " ".join(parts) for parts in lines)
     summary = json.loads((tmp_path / "summary.json").read_text())
-    assert summary["report"] == {"cached": False, "will_run": True, "reason": "no output yet"}
+    assert summary["visualize"] == {"cached": False, "will_run": True, "reason": "no output yet"}
     assert not (tmp_path / "mlflow.db").exists()
 
 

@@ -16,7 +16,7 @@ from pipeline.stage_table import STAGES
 from pipeline.store import MANIFEST, ArtifactStore, StoreError
 
 ALL = ["data", "train/rpn", "train/ga_rpn", "proposals/rpn", "proposals/ga_rpn",
-       "eval_proposals/rpn", "eval_proposals/ga_rpn", "report"]
+       "eval_proposals/rpn", "eval_proposals/ga_rpn", "visualize"]
 # The proposal half of the DAG: the tests below that do not concern the detectors leave them out.
 NO_DETECTORS = ["detector.variants=[]", "detector.finetune=[]"]
 CFG = resolve("smoke", NO_DETECTORS)
@@ -41,10 +41,10 @@ def test_dag_shape():
     assert list(dag) == ALL
     assert dag["train/ga_rpn"].deps == ("data",)
     assert dag["proposals/rpn"].deps == ("train/rpn", "data")
-    assert dag["report"].deps == ("eval_proposals/rpn", "eval_proposals/ga_rpn")
-    assert descendants(dag, {"train/rpn"}) == {"train/rpn", "proposals/rpn", "eval_proposals/rpn", "report"}
-    assert list(build(proposers=("ga_rpn",))) == ["data", "train/ga_rpn", "proposals/ga_rpn", "eval_proposals/ga_rpn", "report"]
-    assert build(proposers=("ga_rpn",))["report"].deps == ("eval_proposals/ga_rpn",)
+    assert dag["visualize"].deps == ("data", "train/rpn", "train/ga_rpn", "proposals/rpn", "proposals/ga_rpn")
+    assert descendants(dag, {"train/rpn"}) == {"train/rpn", "proposals/rpn", "eval_proposals/rpn", "visualize"}
+    # the figures need both models: one variant's branch leaves them out
+    assert list(build(proposers=("ga_rpn",))) == ["data", "train/ga_rpn", "proposals/ga_rpn", "eval_proposals/ga_rpn"]
 
 
 def test_keys_are_stable_and_distinct():
@@ -61,14 +61,14 @@ def test_keys_are_stable_and_distinct():
     # a model setting shared by both variants
     ("proposer.fpn_channels=64", set(ALL) - {"data"}),
     # an inference-only GA setting keeps the trained models and the RPN baseline's branch
-    ("proposer.loc_threshold=0.05", {"proposals/ga_rpn", "eval_proposals/ga_rpn", "report"}),
+    ("proposer.loc_threshold=0.05", {"proposals/ga_rpn", "eval_proposals/ga_rpn", "visualize"}),
     # a GA-only training setting re-keys the GA branch only (the baseline carries its default)
-    ("proposer.center_ratio=0.3", {"train/ga_rpn", "proposals/ga_rpn", "eval_proposals/ga_rpn", "report"}),
+    ("proposer.center_ratio=0.3", {"train/ga_rpn", "proposals/ga_rpn", "eval_proposals/ga_rpn", "visualize"}),
     # an inference setting both variants read
     ("proposer.nms_thresh=0.6", {"proposals/rpn", "eval_proposals/rpn", "proposals/ga_rpn",
-                                 "eval_proposals/ga_rpn", "report"}),
+                                 "eval_proposals/ga_rpn", "visualize"}),
     ("proposals.batch_size=1", {"proposals/rpn", "eval_proposals/rpn", "proposals/ga_rpn",
-                                "eval_proposals/ga_rpn", "report"}),
+                                "eval_proposals/ga_rpn", "visualize"}),
     # settings that cannot change any result re-key nothing
     ("train.max_failures=3", set()),
     ("train.log_every=7", set()),
@@ -87,8 +87,8 @@ def source_copy(tmp_path_factory):
 
 
 BRANCHES = {"train/rpn", "proposals/rpn", "eval_proposals/rpn", "train/ga_rpn", "proposals/ga_rpn",
-            "eval_proposals/ga_rpn", "report"}
-EVALS = {"eval_proposals/rpn", "eval_proposals/ga_rpn", "report"}
+            "eval_proposals/ga_rpn", "visualize"}
+EVALS = {"eval_proposals/rpn", "eval_proposals/ga_rpn"}
 
 
 @pytest.mark.parametrize("module, expected", [
@@ -100,7 +100,9 @@ EVALS = {"eval_proposals/rpn", "eval_proposals/ga_rpn", "report"}
     ("stages/proposal_cache.py", BRANCHES - {"train/rpn", "train/ga_rpn"}),
     ("stages/metrics.py", EVALS),
     ("stages/eval_proposals.py", EVALS),
-    ("stages/report.py", {"report"}),
+    ("stages/visualize.py", {"visualize"}),
+    ("stages/plots.py", {"eval_proposals/rpn", "eval_proposals/ga_rpn", "visualize"}),
+    ("pipeline/report.py", set()),  # the report is drawn from the nodes, it is not one
     ("pipeline/runner.py", set()),  # orchestration does not change any output
     ("pipeline/tracking.py", set()),
 ])
@@ -199,7 +201,7 @@ def test_force_and_from(tmp_path):
     forced = {s.node.id: s.reason for s in make_plan(dag, keys, store, list(dag), force={"train/rpn"}) if s.run}
     assert forced == {"train/rpn": FORCED}
     rerun = {s.node.id: s.reason for s in make_plan(dag, keys, store, list(dag), rerun_from={"proposals/ga_rpn"}) if s.run}
-    assert rerun == {"proposals/ga_rpn": RERUN, "eval_proposals/ga_rpn": RERUN, "report": RERUN}
+    assert rerun == {"proposals/ga_rpn": RERUN, "eval_proposals/ga_rpn": RERUN, "visualize": RERUN}
 
 
 def test_remote_store_uploads_and_local_dir_verifies_what_it_fetches(tmp_path):

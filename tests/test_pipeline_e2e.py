@@ -7,10 +7,11 @@ import json
 import pytest
 
 from pipeline.__main__ import main
+from stages.detection import LABELS
 
 DETECTORS = ("fast_rcnn_rpn", "fast_rcnn_ga_rpn", "faster_rcnn", "ga_faster_rcnn", "retinanet", "ga_retinanet")
 NODES = {"data", "train/rpn", "proposals/rpn", "eval_proposals/rpn",
-         "train/ga_rpn", "proposals/ga_rpn", "eval_proposals/ga_rpn", "report",
+         "train/ga_rpn", "proposals/ga_rpn", "eval_proposals/ga_rpn", "visualize",
          *(f"train_detector/{v}" for v in DETECTORS), "finetune/rpn", "finetune/ga_rpn",
          *(f"eval_detector/{v}" for v in (*DETECTORS, "finetune_rpn", "finetune_ga_rpn"))}
 AP = ("AP", "AP50", "AP75", "AP_S", "AP_M", "AP_L")
@@ -52,10 +53,19 @@ def test_full_smoke_run(smoke_run):
     assert summary["data"]["num_train_images"] == 8 and summary["data"]["num_val_images"] == 4
     for variant in (*DETECTORS, "finetune_rpn", "finetune_ga_rpn"):
         assert all(summary[f"eval_detector/{variant}"][m] is None or 0 <= summary[f"eval_detector/{variant}"][m] <= 1 for m in AP)
-    report = next(workdir.glob("report/*/report.md")).read_text()
-    assert "| RPN (measured) |" in report and "| GA-RPN (paper, COCO) | 59.2 |" in report
-    assert "| GA-RetinaNet |" in report and "| Faster R-CNN + fine-tune on GA-RPN proposals |" in report
-    assert "not run" not in report
+    # the report: Tables 1-3 measured (a row per model, each linked to its run), the sweeps' pending
+    report = (workdir / "report.md").read_text()
+    table1, table2, table3 = (report.split(f"## Table {n}:")[1].split("\n## ")[0] for n in (1, 2, 3))
+    for table, rows in ((table1, ("RPN", "GA-RPN")), (table2, DETECTORS), (table3, ("faster_rcnn", "finetune_rpn"))):
+        for row in rows:
+            label = {"RPN": "RPN", "GA-RPN": "GA-RPN"}.get(row) or LABELS[row]
+            line = next(line for line in table.splitlines() if line.startswith(f"| {label} |"))
+            assert "pending" not in line and "/#/experiments/" in line, line
+    assert "| RPN + 9 anchors | pending / 46.8 |" in table1  # measured by `sweep table1` only
+    assert "5 of 5 rows pending: `python -m pipeline sweep eps_l --seeds 3`" in report
+    for figure in ("recall.png", "examples.png", "anchor_shapes.png"):
+        assert (workdir / "report_files" / figure).stat().st_size > 10_000
+    assert (workdir / "report.html").read_text().count("data:image/png;base64,") == 3
     assert (workdir / "config.yaml").read_text().startswith("name: ga-smoke")
     for node in NODES:  # every node committed with a manifest naming its MLflow run
         stage = node.split("/")[0]
@@ -89,7 +99,10 @@ def test_mlflow_records(smoke_run):
     parent = parents[0]
     assert parent.data.params["train.epochs"] == "2" and parent.data.tags["preset"] == "smoke"
     assert parent.info.status == "FINISHED"
-    assert "config.yaml" in {a.path for a in client.list_artifacts(parent.info.run_id)}
+    assert {"config.yaml", "report.md", "report.html", "report_files"} <= {a.path for a in client.list_artifacts(parent.info.run_id)}
+    assert parent.data.tags["claim.ga_rpn_recall"] in ("reproduced", "not reproduced")  # both rows measured
+    assert parent.data.tags["claim.insensitive_to_k"] == "pending" and parent.data.metrics["claims_pending"] >= 4
+    assert "gap_AR_1000" in parent.data.metrics and "gap_AP_retinanet" in parent.data.metrics
     by_node = {r.data.tags["node"]: r for r in children}
     assert set(by_node) == NODES and all(r.data.tags["cache_hit"] == "false" for r in children)
     assert by_node["data"].data.params["data.synthetic"] == "smoke"  # the parent run's param names
@@ -101,7 +114,6 @@ def test_mlflow_records(smoke_run):
     ev = by_node["eval_proposals/rpn"]
     assert {"AR_100", "AR_1000", "AR_S", "anchors_per_image", "seconds_per_image"} <= set(ev.data.metrics)
     assert {"recall_vs_proposals.png", "recall_vs_iou.png"} <= {a.path for a in client.list_artifacts(ev.info.run_id)}
-    assert "report.md" in {a.path for a in client.list_artifacts(by_node["report"].info.run_id)}
     # every detector's evaluation under the same metric names, so the compare view lines them up
     summary = smoke_run[2]
     for variant in (*DETECTORS, "finetune_rpn", "finetune_ga_rpn"):

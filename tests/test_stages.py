@@ -1,6 +1,6 @@
 """Every stage through its one entry point ``run(cfg, inputs, out, executor)``, directly, without
 Ray or MLflow: the smoke chain data -> train -> proposals -> eval_proposals, the detectors
-(train_detector -> finetune -> eval_detector) -> report with a ``LocalExecutor``, each stage
+(train_detector -> finetune -> eval_detector) with a ``LocalExecutor``, each stage
 reading only what the previous ones returned."""
 
 import json
@@ -10,7 +10,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from ga_models import ProposerConfig
-from stages import data, eval_detector, eval_proposals, finetune, proposals, report, train_detector, train_proposer
+from stages import data, eval_detector, eval_proposals, finetune, proposals, train_detector, train_proposer
 from stages.contract import LocalExecutor, StageResult, local_input, local_output
 from stages.data import DataConfig
 from stages.detection import DetectorsConfig
@@ -58,9 +58,6 @@ def chain(tmp_path_factory):
          ["data", "proposals/ga_rpn", "train_detector/ga_faster_rcnn"])
     step("eval_detector/finetune_ga_rpn", eval_detector, eval_detector.EvalDetectorConfig(spec, SHARDS),
          ["finetune/ga_rpn", "data", "proposals/ga_rpn"])
-    step("report", report, report.ReportConfig(DataConfig(synthetic="smoke"), PROPOSER, TRAIN, DETECTORS),
-         ["eval_proposals/ga_rpn", "eval_detector/fast_rcnn_ga_rpn", "eval_detector/ga_faster_rcnn",
-          "eval_detector/ga_retinanet", "eval_detector/finetune_ga_rpn"])
     return nodes
 
 
@@ -123,34 +120,6 @@ def test_detector_stages(chain):
         assert (table.column("x2").to_numpy() <= 128).all()  # original image pixels
 
 
-def test_report_stage(chain):
-    _, out, result = chain["report"]
-    text = (out.dir / "report.md").read_text()
-    assert "| GA-RPN (measured) |" in text and "synthetic 'smoke' val set" in text
-    assert all((out.dir / p).is_file() for p in (f"plots/ga_rpn_{name}" for name in eval_proposals.PLOTS))
-    assert "## Table 2" in text and "| GA-Faster R-CNN |" in text and "| Faster R-CNN | not run |" in text
-    assert "## Table 3" in text and "| Faster R-CNN + fine-tune on GA-RPN proposals |" in text
-    assert result.metrics == {}  # gaps need both variants
-
-
 def test_only_names_the_missing_stage():
     with pytest.raises(ValueError, match="stage 'data'"):
         proposals.run(None, {}, None, LocalExecutor())
-
-
-def test_report_tables_2_and_3_from_detector_metrics(tmp_path):
-    def evaluation(variant, ap):
-        metrics = {"AP": ap, "AP50": ap + 0.2, "AP75": ap, "AP_S": ap, "AP_M": ap, "AP_L": float("nan")}
-        return local_input(f"eval_detector/{variant}", tmp_path, {"metrics": metrics, "run_id": f"run-{variant}"})
-
-    inputs = {f"eval_detector/{v}": evaluation(v, ap) for v, ap in
-              (("faster_rcnn", 0.30), ("ga_faster_rcnn", 0.34), ("finetune_rpn", 0.31), ("finetune_ga_rpn", 0.29))}
-    out = local_output(tmp_path / "report")
-    result = report.run(report.ReportConfig(DataConfig(synthetic="smoke"), PROPOSER, TRAIN, DETECTORS), inputs, out, LocalExecutor())
-    assert result.metrics == pytest.approx({"gap_AP_faster_rcnn": 0.04, "gap_AP_finetune": -0.02})
-    text = (out.dir / "report.md").read_text()
-    assert "| GA-Faster R-CNN | 34.0 | 54.0 | 34.0 | 34.0 | 34.0 | n/a | 39.8 | `run-ga_faster_rcnn` |" in text
-    assert "| RetinaNet | not run |" in text and "| Fast R-CNN (RPN proposals) | not run |" in text
-    assert "GA-Faster R-CNN minus Faster R-CNN, AP: measured +4.0 points, paper +2.7 points." in text
-    assert "fine-tune on RPN proposals, AP: measured -2.0 points, paper +2.3 points." in text
-    assert "fine-tuned for 2 epoch(s)" in text and "backbone from the trained RPN's backbone" in text

@@ -5,6 +5,7 @@ import pytest
 
 from pipeline.__main__ import main
 from pipeline.config import ConfigError, resolve
+from pipeline.dag import build_dag, cache_keys
 from pipeline.sweep_runner import plan_trials
 from pipeline.sweep_table import DONE, FAILED, PlannedTrial, aggregate, render, table_rows
 from pipeline.sweeps import SWEEPS, adhoc_sweep, describe, expand, parse_grid, with_axes
@@ -31,7 +32,9 @@ def test_every_named_grid_expands_to_its_documented_trials():
     assert params("lambda2", "lambda2", "shape_weight") == [(0.02, 0.2), (0.05, 0.5), (0.1, 1.0), (0.2, 2.0)]
     table7 = params("proposals", "proposer", "num_proposals", "rcnn_iou")
     assert len(table7) == 8 and set(table7) == {(p, n, i) for p in ("rpn", "ga_rpn") for n in (300, 1000) for i in (0.5, 0.6)}
-    assert [len(expand(s, 0)) for s in SWEEPS.values()] == [5, 3, 5, 5, 6, 4, 8]
+    assert params("table1", "table1", "proposer") == [("RPN", "rpn"), ("RPN + 9 anchors", "rpn"), ("GA-RPN", "ga_rpn")]
+    assert [t.values.get("proposer.rpn_anchor_scales") for t in expand(SWEEPS["table1"], 0)] == [None, 3, None]
+    assert [len(expand(s, 0)) for s in SWEEPS.values()] == [3, 5, 3, 5, 5, 6, 4, 8]
     listing = describe()
     assert all(f"  {name:<10}" in listing for name in SWEEPS) and " 8 trials  Fast R-CNN" in listing
 
@@ -74,6 +77,14 @@ def test_planned_trials_reuse_what_they_share_and_target_the_swept_node():
     modules = plan_trials(SWEEPS["modules"], expand(SWEEPS["modules"], 0), "default", [], base)
     assert [p.targets[0] for p in modules] == ["eval_proposals/rpn"] + ["eval_proposals/ga_rpn"] * 4
     assert len({p.keys["train/rpn"] for p in modules}) == 1  # the GA switches never re-key the baseline
+
+    # Table 1 with seeds: seed 0 reuses the models `pipeline full` trained; 9 anchors is its own baseline
+    full = cache_keys(base, build_dag(base))
+    table1 = plan_trials(SWEEPS["table1"], expand(SWEEPS["table1"], 0, seeds=2), "default", [], base)
+    assert [(p.trial.point, p.targets[0]) for p in table1][::2] == [
+        ("RPN", "eval_proposals/rpn"), ("RPN + 9 anchors", "eval_proposals/rpn"), ("GA-RPN", "eval_proposals/ga_rpn")]
+    assert table1[0].keys["train/rpn"] == full["train/rpn"] and table1[4].keys["train/ga_rpn"] == full["train/ga_rpn"]
+    assert len({p.keys["train/rpn"] for p in table1[:4]}) == 4  # two seeds x two anchor settings
 
     table7 = plan_trials(SWEEPS["proposals"], expand(SWEEPS["proposals"], 0), "default", [], base)
     assert {p.targets[0] for p in table7} == {"eval_detector/fast_rcnn_rpn", "eval_detector/fast_rcnn_ga_rpn"}
@@ -153,7 +164,7 @@ def test_cli_lists_sweeps_and_rejects_bad_requests(capsys):
     assert main(["sweep", "--list"]) == 0
     out = capsys.readouterr().out
     assert "eps_l" in out and "5 trials" in out and "proposals" in out
-    for argv, message in ((["sweep"], "name a sweep"), (["sweep", "nope"], "no such sweep (sweeps: eps_l"),
+    for argv, message in ((["sweep"], "name a sweep"), (["sweep", "nope"], "no such sweep (sweeps: table1, eps_l"),
                           (["sweep", "eps_l", "--seeds", "0"], "--seeds 0: must be >= 1"),
                           (["sweep", "--grid", "proposer.nope=1,2"], "unknown config key 'proposer.nope'")):
         assert main(argv) == 2, argv
