@@ -44,11 +44,13 @@ from stages.io import atomic_write
 logger = logging.getLogger(__name__)
 FILES_DIR = "report_files"
 REPORTED_STAGES = ("eval_proposals", "eval_detector", "visualize")
+FIGURE_STAGES = ("eval_proposals", "visualize")  # the nodes whose files the figures need
 
 
 @dataclass(frozen=True)
 class FullRun:
-    """This config's evaluated nodes found in the store: results and local directories by node id."""
+    """This config's evaluated nodes found in the store by node id: results, manifest outputs and
+    (for ``FIGURE_STAGES``) local directories."""
 
     results: Mapping[str, Result]
     dirs: Mapping[str, Path]
@@ -67,8 +69,9 @@ def read_full_run(cfg: PipelineConfig, store: ArtifactStore) -> FullRun:
         if manifest is None:
             continue
         results[node_id] = result_of([manifest.get("metrics", {})], manifest.get("run_id"))
-        dirs[node_id] = store.local_dir(node.stage.name, keys[node_id])
         outputs[node_id] = manifest.get("outputs", {})
+        if node.stage.name in FIGURE_STAGES:  # (a remote store's are fetched: small files only)
+            dirs[node_id] = store.local_dir(node.stage.name, keys[node_id])
     return FullRun(results, dirs, outputs)
 
 

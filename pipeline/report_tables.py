@@ -73,12 +73,11 @@ class Result:
 def result_of(runs: Sequence[Mapping[str, float]], run_id: str | None = None) -> Result:
     """The pooled result of runs of one setting (pipeline metric units): each metric all runs
     have, as a ``Stat`` in report units."""
-    common = set.intersection(*(set(r) for r in runs)) if runs else set()
-    metrics = {}
-    for name in sorted(common):
-        values = [float(r[name]) * (100 if is_percent(name) else 1) for r in runs]
-        if all(math.isfinite(v) for v in values):
-            metrics[name] = Stat.of(values)
+    def defined(value) -> bool:  # undefined metrics are NaN, or null once written to JSON
+        return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+    common = set.intersection(*({k for k, v in r.items() if defined(v)} for r in runs)) if runs else set()
+    metrics = {name: Stat.of([float(r[name]) * (100 if is_percent(name) else 1) for r in runs]) for name in sorted(common)}
     return Result(metrics, run_id)
 
 
