@@ -57,9 +57,11 @@ class Difference:
         return self.value - margin > 2 * (self.se or 0.0)
 
     def __str__(self) -> str:
-        spread = f" ± {self.se:.1f} (1 s.e.)" if self.se is not None else ""
+        """``+5.0 (1 seed)``, ``+5.0 ± 1.2 (1 s.e., 3 vs 3 seeds)``."""
         seeds = "1 seed" if self.seeds == (1, 1) else f"{self.seeds[0]} vs {self.seeds[1]} seeds"
-        return f"{self.value:+.1f}{spread}, {seeds}"
+        if self.se is None:
+            return f"{self.value:+.1f} ({seeds})"
+        return f"{self.value:+.1f} ± {self.se:.1f} (1 s.e., {seeds})"
 
 
 def difference(a: Stat, b: Stat) -> Difference:

@@ -195,11 +195,11 @@ def k_table(*ar):
 
 
 @pytest.mark.parametrize("judge, tables, status, evidence", [
-    (claims.ga_rpn_recall, t1([50.0], [40.0]), claims.REPRODUCED, "AR@1000 +10.0, 1 seed"),
+    (claims.ga_rpn_recall, t1([50.0], [40.0]), claims.REPRODUCED, "AR@1000 +10.0 (1 seed)"),
     (claims.ga_rpn_recall, t1([50.0], [40.0], ga_anchors=4000.0), claims.NOT_REPRODUCED, "80% of RPN's anchors"),
     (claims.ga_rpn_recall, t1([39.0], [40.0]), claims.NOT_REPRODUCED, "AR@1000 -1.0"),
     # three seeds each: a +1.0 gap inside the noise is not a result; a clear one is
-    (claims.ga_rpn_recall, t1([42.0, 46.0, 50.0], [44.0, 45.0, 46.0]), claims.NOT_REPRODUCED, "± 2.4 (1 s.e.), 3 vs 3 seeds"),
+    (claims.ga_rpn_recall, t1([42.0, 46.0, 50.0], [44.0, 45.0, 46.0]), claims.NOT_REPRODUCED, "+1.0 ± 2.4 (1 s.e., 3 vs 3 seeds)"),
     (claims.ga_rpn_recall, t1([55.0, 56.0, 57.0], [44.0, 45.0, 46.0]), claims.REPRODUCED, "+11.0 ± 0.8"),
     (claims.shape_largest, t4(RPN=[40.0], L=[40.5], S=[44.0]), claims.REPRODUCED, "S +4.0"),
     (claims.shape_largest, t4(RPN=[40.0], L=[44.0], S=[42.0]), claims.NOT_REPRODUCED, "S minus L -2.0"),
@@ -207,7 +207,7 @@ def k_table(*ar):
     (claims.feature_adaption, t4(L_S=[44.0], L_S_FA=[44.5]), claims.NOT_REPRODUCED, "more than 1 point"),
     (claims.location_threshold, t5([45.6], [45.6], anchors001=1500.0), claims.REPRODUCED, "anchors kept 30%"),
     (claims.location_threshold, t5([45.6], [45.6], anchors001=4300.0), claims.NOT_REPRODUCED, "anchors kept 86%"),
-    (claims.location_threshold, t5([45.6], [43.0]), claims.NOT_REPRODUCED, "+2.6, 1 seed"),
+    (claims.location_threshold, t5([45.6], [43.0]), claims.NOT_REPRODUCED, "+2.6 (1 seed)"),
     (claims.insensitive_to_k, k_table(49.0, 49.5, 49.2), claims.REPRODUCED, "range 0.5"),
     (claims.insensitive_to_k, k_table(49.0, 45.6, 51.6), claims.NOT_REPRODUCED, "range 6.0"),
     (claims.higher_iou, t7({(1000, 0.5): 0.7, (1000, 0.6): 1.7}), claims.REPRODUCED, "+1.7 at IoU 0.6 vs +0.7"),
