@@ -121,8 +121,8 @@ def build_tables(cfg: PipelineConfig, full: FullRun, sweeps: list[SweepRecord], 
 
 
 def build_figures(full: FullRun, files_dir: Path) -> list[ReportFigure]:
-    """Figure 3 drawn here from the evaluation nodes' curves; Figures 4-6 copied from the
-    ``visualize`` node. Missing inputs: the figure is pending."""
+    """The recall curves drawn here from the evaluation nodes' ``curves.json``; Figures 3-6 copied
+    from the ``visualize`` node. Missing inputs: the figure is pending."""
     curves = {}
     for variant, label in (("rpn", "RPN"), ("ga_rpn", "GA-RPN")):
         node_dir = full.dirs.get(f"eval_proposals/{variant}")
@@ -131,14 +131,17 @@ def build_figures(full: FullRun, files_dir: Path) -> list[ReportFigure]:
     figures = []
     if curves:
         recall_comparison(curves, files_dir / "recall.png")
-    figures.append(ReportFigure("figure-3", "Figure 3: recall of RPN and GA-RPN proposals",
+    figures.append(ReportFigure("recall", "Recall of RPN and GA-RPN proposals",
                                 "Recall vs proposals per image and vs IoU threshold on the val set, both models on "
-                                "the same axes (the paper's Fig. 3 shows the IoU distribution of the proposals).",
+                                "the same axes (the data behind the paper's Fig. 3 and Table 1).",
                                 f"{FILES_DIR}/recall.png" if curves else None,
                                 "python -m pipeline full (the eval_proposals nodes)"))
     visual = full.dirs.get("visualize")
     files = full.outputs.get("visualize", {}).get("plots", [])
     for anchor, name, title, caption in (
+        ("figure-3", "iou_distribution.png", "Figure 3: IoU distribution of the proposals",
+         "Proposals per image whose IoU with their best ground-truth box is at least t, for decreasing t, over the "
+         "first val images: the paper's point is that GA-RPN gives more of them, and more at high IoU."),
         ("figures-4-5", "examples.png", "Figures 4 and 5: anchor prediction and proposals",
          "Validation images: ground truth, GA-RPN's location probability map, its predicted anchor aspect ratio "
          "(log2 h/w, where the location is kept), and the top proposals of RPN and GA-RPN."),

@@ -37,6 +37,12 @@ class Page:
     figures: Sequence[ReportFigure]
 
 
+def _contents(page: Page) -> list[tuple[str, str]]:
+    """(anchor, short name) of every section: the claims, each table, each figure."""
+    return [("claims", "Claims"), *((t.anchor, t.title.split(":")[0]) for t in page.tables),
+            *((f.anchor, f.title.split(":")[0]) for f in page.figures)]
+
+
 def _measured(stat: Stat | None, metric: str) -> str:
     if stat is None:
         return "-"
@@ -62,7 +68,8 @@ def _seeds(row: Row) -> str:
 
 
 def markdown(page: Page, link: RunLink) -> str:
-    lines = [f"# {page.title}", "", *page.intro, "", "## Claims", "",
+    lines = [f"# {page.title}", "", *page.intro, "", "Contents: " + " · ".join(f"[{name}](#{a})" for a, name in _contents(page)),
+             "", '<a id="claims"></a>', "", "## Claims", "",
              "| claim | verdict | this run | paper | tables |", "|---|---|---|---|---|"]
     for claim, verdict in page.claims:
         tables = ", ".join(f"[{t}](#{t})" for t in claim.tables)
@@ -127,6 +134,7 @@ def html(page: Page, link: RunLink, images: Mapping[str, bytes]) -> str:
     out = ["<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8">',
            f"<title>{escape(page.title)}</title><style>{STYLE}</style></head><body>", f"<h1>{escape(page.title)}</h1>"]
     out += [f"<p>{_inline(line)}</p>" for line in page.intro]
+    out.append("<p>Contents: " + " · ".join(f'<a href="#{a}">{escape(name)}</a>' for a, name in _contents(page)) + "</p>")
     out += ['<h2 id="claims">Claims</h2>', "<table><tr>" + "".join(f'<th class="text">{h}</th>' for h in
                                                                     ("claim", "verdict", "this run", "paper", "tables")) + "</tr>"]
     for claim, verdict in page.claims:

@@ -8,6 +8,8 @@
 - ``anchor_shapes.png`` (paper Fig. 6): histograms of anchor scale sqrt(w h) and aspect ratio h/w
   of the val ground truth, of GA-RPN's guided anchors at the kept locations (p >= eps_L) and of
   the RPN's sliding-window anchors of one image; ``anchor_shapes.json`` holds their numbers.
+- ``iou_distribution.png`` (paper Fig. 3): proposals per image with IoU >= t for decreasing t,
+  RPN and GA-RPN (their cached val proposals over the same images); ``iou_distribution.json``.
 
 Every box is in original image pixels: the dataset yields original images, the model's transform
 resizes them, and what the model produces in its input pixels is mapped back with the transform's
@@ -37,6 +39,7 @@ from matplotlib.patches import Rectangle
 from matplotlib.ticker import NullFormatter
 from torch import Tensor
 from torchvision.models.detection.transform import resize_boxes
+from torchvision.ops import box_iou
 
 from ga_models import ProposerConfig
 from ga_models.head import LevelOutputs
@@ -53,6 +56,10 @@ logger = logging.getLogger(__name__)
 EXAMPLES_PNG = "examples.png"
 SHAPES_PNG = "anchor_shapes.png"
 SHAPES_JSON = "anchor_shapes.json"
+IOU_PNG = "iou_distribution.png"
+IOU_JSON = "iou_distribution.json"
+IOU_THRESHOLDS = tuple(round(0.5 + 0.05 * i, 2) for i in range(10))  # 0.5, 0.55, ..., 0.95
+IOU_FIGSIZE = (5.0, 4.0)
 PANEL_INCHES = 3.0  # one example panel is PANEL_INCHES square
 EXAMPLE_COLUMNS = 5
 SHAPES_FIGSIZE = (10.0, 4.0)
@@ -106,11 +113,14 @@ class GuidedImage(NamedTuple):
 class ShapeSurvey(NamedTuple):
     """What the first ``shape_images`` val images give (see ``survey``).
 
-    gt_boxes: Tensor[K, 4] every ground-truth box; guided_anchors: Tensor[M, 4] every kept guided
-    anchor; kept_fractions / kept_counts: per image kept locations / A and kept locations;
-    dropped: ground-truth boxes whose centre pixel has p < eps_L.
+    image_ids / gt_per_image: the images and their ground truth, Tensor[K_i, 4] each; gt_boxes:
+    Tensor[K, 4] all of it; guided_anchors: Tensor[M, 4] every kept guided anchor; kept_fractions /
+    kept_counts: per image kept locations / A and kept locations; dropped: ground-truth boxes whose
+    centre pixel has p < eps_L.
     """
 
+    image_ids: list[int]
+    gt_per_image: list[Tensor]
     gt_boxes: Tensor
     guided_anchors: Tensor
     kept_fractions: list[float]
@@ -155,12 +165,20 @@ def run(cfg: VisualizeConfig, inputs: Mapping[str, Input], out: Output, executor
     write_json(out.dir / SHAPES_JSON, {"shape_images": num_shape, "loc_threshold": eps, "sets": summary}, indent=1)
     save_png(plot_shapes(summary), out.dir / SHAPES_PNG)
 
+    distribution = {kind: accumulated_counts(proposal_ious(cache, found.image_ids, found.gt_per_image), num_shape)
+                    for kind, cache in caches.items()}
+    write_json(out.dir / IOU_JSON, {"images": num_shape, "iou_thresholds": list(IOU_THRESHOLDS),
+                                    "proposals_per_image": distribution}, indent=1)
+    save_png(plot_iou_distribution(distribution), out.dir / IOU_PNG)
+
     examples = [example(ga_rpn, dataset, i, caches, cfg.top_proposals) for i in range(min(cfg.num_images, len(dataset)))]
     logger.info("visualize: drawing %d example image(s)", len(examples))
     save_png(plot_examples(examples, cfg.ga_rpn, cfg.top_proposals), out.dir / EXAMPLES_PNG)
 
-    outputs = {"plots": [EXAMPLES_PNG, SHAPES_PNG], "anchor_shapes": SHAPES_JSON}
-    return StageResult(location_metrics(found), outputs, (EXAMPLES_PNG, SHAPES_PNG, SHAPES_JSON))
+    outputs = {"plots": [EXAMPLES_PNG, SHAPES_PNG, IOU_PNG], "anchor_shapes": SHAPES_JSON, "iou_distribution": IOU_JSON}
+    metrics = {**location_metrics(found), **{f"proposals_iou70_{kind}": counts[IOU_THRESHOLDS.index(0.7)]
+                                             for kind, counts in distribution.items()}}
+    return StageResult(metrics, outputs, (EXAMPLES_PNG, SHAPES_PNG, IOU_PNG, SHAPES_JSON, IOU_JSON))
 
 
 def node(inputs: Mapping[str, Input], stage: str, variant: str) -> Input:
@@ -275,16 +293,17 @@ def dropped_centers(prob: Tensor, boxes: Tensor, loc_threshold: float) -> Tensor
 def survey(model: Proposer, dataset: CocoDetection, num_images: int, loc_threshold: float) -> ShapeSurvey:
     """GA-RPN over ``dataset[:num_images]``: ground truth, kept guided anchors, kept locations and
     the ground-truth centres the location filter drops."""
-    gt, anchors, fractions, counts, dropped = [], [], [], [], 0
+    ids, gt, anchors, fractions, counts, dropped = [], [], [], [], [], 0
     for index in range(num_images):
         image, target = dataset[index]
         guided = guided_image(model, image)
+        ids.append(int(target["image_id"]))
         gt.append(target["boxes"])
         anchors.append(guided.anchors)
         fractions.append(len(guided.anchors) / guided.num_locations)
         counts.append(len(guided.anchors))
         dropped += int(dropped_centers(guided.prob, target["boxes"], loc_threshold).sum())
-    return ShapeSurvey(torch.cat(gt), torch.cat(anchors), fractions, counts, dropped)
+    return ShapeSurvey(ids, gt, torch.cat(gt), torch.cat(anchors), fractions, counts, dropped)
 
 
 def location_metrics(found: ShapeSurvey) -> dict[str, float]:
@@ -305,6 +324,38 @@ def example(model: Proposer, dataset: CocoDetection, index: int, caches: Mapping
     image_id = int(target["image_id"])
     return Example(image_id, image, target["boxes"], guided_image(model, image),
                    top_proposals(caches["rpn"], image_id, k), top_proposals(caches["ga_rpn"], image_id, k))
+
+
+def proposal_ious(cache: ProposalCache, image_ids: Sequence[int], gt_boxes: Sequence[Tensor]) -> np.ndarray:
+    """Every cached proposal's best IoU with a ground-truth box of its image, over the images:
+    float[P] (0 for the proposals of an image without ground truth)."""
+    best = []
+    for image_id, gt in zip(image_ids, gt_boxes):
+        boxes, _, _ = cache.get(image_id)  # float32[P_i, 4]
+        if len(gt) == 0 or len(boxes) == 0:
+            best.append(np.zeros(len(boxes)))
+        else:
+            best.append(box_iou(torch.from_numpy(boxes), gt.float()).max(dim=1).values.numpy())  # [P_i, K_i] -> [P_i]
+    return np.concatenate(best) if best else np.zeros(0)
+
+
+def accumulated_counts(ious: np.ndarray, num_images: int) -> list[float]:
+    """Paper Fig. 3: proposals per image with IoU >= t, for each t of ``IOU_THRESHOLDS``."""
+    return [float((ious >= t).sum()) / max(num_images, 1) for t in IOU_THRESHOLDS]
+
+
+def plot_iou_distribution(counts: Mapping[str, Sequence[float]]) -> Figure:
+    """Paper Fig. 3: the accumulated number of proposals per image with decreasing IoU, per model
+    (``counts``: "rpn"/"ga_rpn" -> ``accumulated_counts``)."""
+    fig = Figure(figsize=IOU_FIGSIZE)
+    ax = fig.subplots()
+    for kind, label, color in (("rpn", "RPN", "tab:blue"), ("ga_rpn", "GA-RPN", "tab:red")):
+        ax.plot(IOU_THRESHOLDS, counts[kind], marker="o", color=color, label=label)
+    ax.set(xlabel="IoU with the best ground-truth box (at least)", ylabel="proposals per image",
+           title="IoU distribution of the proposals", xlim=(IOU_THRESHOLDS[-1] + 0.02, IOU_THRESHOLDS[0] - 0.02))
+    ax.grid(True, alpha=0.3)
+    ax.legend()
+    return fig
 
 
 def box_shapes(boxes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -63,9 +63,9 @@ def test_full_smoke_run(smoke_run):
             assert "pending" not in line and "/#/experiments/" in line, line
     assert "| RPN + 9 anchors | pending / 46.8 |" in table1  # measured by `sweep table1` only
     assert "5 of 5 rows pending: `python -m pipeline sweep eps_l --seeds 3`" in report
-    for figure in ("recall.png", "examples.png", "anchor_shapes.png"):
+    for figure in ("recall.png", "iou_distribution.png", "examples.png", "anchor_shapes.png"):
         assert (workdir / "report_files" / figure).stat().st_size > 10_000
-    assert (workdir / "report.html").read_text().count("data:image/png;base64,") == 3
+    assert (workdir / "report.html").read_text().count("data:image/png;base64,") == 4
     assert (workdir / "config.yaml").read_text().startswith("name: ga-smoke")
     for node in NODES:  # every node committed with a manifest naming its MLflow run
         stage = node.split("/")[0]

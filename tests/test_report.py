@@ -271,20 +271,21 @@ def test_every_image_and_link_of_the_page_resolves(tmp_path):
         (dirs[f"eval_proposals/{variant}"] / "curves.json").write_text(json.dumps(CURVES))
     dirs["visualize"] = tmp_path / "nodes" / "visualize"
     dirs["visualize"].mkdir()
-    for name in ("examples.png", "anchor_shapes.png"):
+    plots = ["examples.png", "anchor_shapes.png", "iou_distribution.png"]
+    for name in plots:
         recall_comparison({"RPN": CURVES}, dirs["visualize"] / name)
-    full = FullRun(full.results, dirs, {"visualize": {"plots": ["examples.png", "anchor_shapes.png"]}})
+    full = FullRun(full.results, dirs, {"visualize": {"plots": plots}})
     trial_runs = [tracker.start_node(f"trial {i}", "key", {}) for i in range(5)]
     eps_l = sweep_record("eps_l", run_id=lambda trial: trial_runs[trial.index])
     written = write_report(CFG, full, [eps_l], tmp_path / "work", ("intro",), tracker.run_url)
 
     page = Links()
     page.feed(written.html.read_text())
-    assert len(page.images) == 3
+    assert len(page.images) == 4
     for src in page.images:  # embedded: the page is one file
         assert src.startswith("data:image/png;base64,") and base64.b64decode(src.split(",", 1)[1])[:8] == PNG
     internal = [h for h in page.hrefs if h.startswith("#")]
-    assert {"#table-1", "#table-5", "#sensitivity-k"} <= set(internal)
+    assert {"#table-1", "#table-5", "#sensitivity-k", "#figure-3"} <= set(internal)
     assert all(h[1:] in page.ids for h in internal)
     external = [h for h in page.hrefs if not h.startswith("#")]
     linked = set()

@@ -77,9 +77,12 @@ def png_size(path):
 
 def test_writes_pngs_of_the_expected_size_and_not_blank(visualized):
     out, result = visualized
-    assert result.outputs == {"plots": ["examples.png", "anchor_shapes.png"], "anchor_shapes": "anchor_shapes.json"}
-    assert set(result.artifacts) == {"examples.png", "anchor_shapes.png", "anchor_shapes.json"}
-    expected = {"examples.png": (1500, 600), "anchor_shapes.png": (1000, 400)}  # figsize x 100: (5 x 3, 2 x 3), (10, 4)
+    assert result.outputs == {"plots": ["examples.png", "anchor_shapes.png", "iou_distribution.png"],
+                              "anchor_shapes": "anchor_shapes.json", "iou_distribution": "iou_distribution.json"}
+    assert set(result.artifacts) == {"examples.png", "anchor_shapes.png", "iou_distribution.png", "anchor_shapes.json",
+                                     "iou_distribution.json"}
+    # figsize x 100: (5 x 3, 2 x 3), (10, 4), (5, 4)
+    expected = {"examples.png": (1500, 600), "anchor_shapes.png": (1000, 400), "iou_distribution.png": (500, 400)}
     assert visualize.examples_figsize(2) == (15.0, 6.0)
     for name, size in expected.items():
         assert png_size(out.dir / name) == size
@@ -113,7 +116,8 @@ def test_anchor_shapes_json_counts(visualized, nodes):
 
 def test_location_metrics_are_fractions(visualized):
     _, result = visualized
-    assert set(result.metrics) == {"loc_kept_fraction", "gt_centers_dropped", "guided_anchors_per_image"}
+    assert set(result.metrics) == {"loc_kept_fraction", "gt_centers_dropped", "guided_anchors_per_image",
+                                   "proposals_iou70_rpn", "proposals_iou70_ga_rpn"}
     assert 0 <= result.metrics["loc_kept_fraction"] <= 1 and 0 <= result.metrics["gt_centers_dropped"] <= 1
     assert 0 <= result.metrics["guided_anchors_per_image"] <= 1364
 
@@ -190,3 +194,34 @@ def test_shape_summary_by_hand():
     edges = summary["ground_truth"]["scale"]["bin_edges"]
     assert edges[0] == pytest.approx(2.0) and edges[-1] == pytest.approx(8.0)  # one value: widened 2x each way
     assert np.isnan(summary["empty"]["scale"]["median"]) and sum(summary["empty"]["aspect_ratio"]["counts"]) == 0
+
+
+def test_iou_distribution_accumulates_with_decreasing_iou(visualized, nodes):
+    out, result = visualized
+    found = json.loads((out.dir / "iou_distribution.json").read_text())
+    assert found["images"] == 3 and found["iou_thresholds"] == list(visualize.IOU_THRESHOLDS)
+    for kind in ("rpn", "ga_rpn"):
+        counts = found["proposals_per_image"][kind]
+        assert all(a >= b for a, b in zip(counts, counts[1:]))  # IoU >= 0.5 includes IoU >= 0.55 ...
+        assert counts[4] == result.metrics[f"proposals_iou70_{kind}"]
+        # at most the proposals cached for those images
+        cache = visualize.val_cache(nodes[f"proposals/{kind}"], nodes[f"train/{kind}"])
+        val = open_split(nodes["data"].local_dir(), nodes["data"].outputs["splits"]["val"])
+        assert counts[0] <= sum(len(cache.get(i)[0]) for i in val.image_ids[:3]) / 3
+
+
+def test_proposal_ious_by_hand():
+    """Image 1: ground truth [0, 0, 10, 10]; proposals: itself (IoU 1), its left half (IoU 0.5),
+    a disjoint box (0). Image 2: no ground truth, one proposal (0)."""
+
+    class Cache:
+        boxes = {1: np.array([[0, 0, 10, 10], [0, 0, 5, 10], [20, 20, 30, 30]], np.float32),
+                 2: np.array([[0, 0, 4, 4]], np.float32)}
+
+        def get(self, image_id):
+            return self.boxes[image_id], None, None
+
+    ious = visualize.proposal_ious(Cache(), [1, 2], [torch.tensor([[0.0, 0, 10, 10]]), torch.zeros(0, 4)])
+    np.testing.assert_allclose(ious, [1.0, 0.5, 0.0, 0.0])
+    counts = visualize.accumulated_counts(ious, num_images=2)
+    assert counts[0] == 1.0 and counts[1:] == [0.5] * 9  # IoU >= 0.5: two of four proposals, per image
