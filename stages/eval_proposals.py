@@ -15,7 +15,14 @@ from matplotlib.figure import Figure
 
 from stages.contract import Executor, Input, Output, StageResult, only
 from stages.io import write_json
-from stages.metrics import anchors_per_image, evaluate_proposals, load_ground_truth, recall_curves
+from stages.metrics import (
+    CURVE_IOUS,
+    PROPOSAL_MAX_DETS,
+    anchors_per_image,
+    evaluate_proposals,
+    load_ground_truth,
+    recall_curves,
+)
 from stages.plots import save_png
 from stages.proposal_cache import ProposalCache
 
@@ -55,7 +62,8 @@ def evaluate(
 
     ``num_anchors``/``seconds``: per-image anchor counts and inference seconds of the producer.
     Returns AR_100, AR_300, AR_1000, AR_S, AR_M, AR_L (fractions), anchors_per_image (mean, and
-    its median/min/max), seconds_per_image (mean).
+    its median/min/max), seconds_per_image (mean), proposals_per_image (mean boxes the model
+    output), recall_iou50 and recall_iou70 (recall at IoU 0.5 and 0.7 with 1000 proposals).
     """
     out_dir = Path(out_dir)
     cache = ProposalCache(cache_root)
@@ -64,7 +72,11 @@ def evaluate(
     metrics = evaluate_proposals(gt, proposals)
     metrics.update(anchors_per_image(num_anchors))
     metrics["seconds_per_image"] = statistics.fmean(seconds) if seconds else float("nan")
+    metrics["proposals_per_image"] = statistics.fmean(len(boxes) for boxes, _ in proposals.values()) if proposals else 0.0
     curves = recall_curves(gt, proposals)
+    at = curves["num_proposals"].index(max(PROPOSAL_MAX_DETS))
+    for iou in CURVE_IOUS:  # the single-IoU recalls of the paper's Fig. 3, at 1000 proposals
+        metrics[f"recall_iou{round(100 * iou)}"] = curves["recall_vs_proposals"][f"{iou:.2f}"][at]
     write_json(out_dir / "metrics.json", metrics)
     write_json(out_dir / CURVES, curves)
     plot_curves(curves, out_dir, label)

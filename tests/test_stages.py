@@ -98,6 +98,12 @@ def test_eval_proposals_stage(chain):
     for plot in eval_proposals.PLOTS:
         assert (out.dir / plot).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert json.loads((out.dir / "metrics.json").read_text())["AR_1000"] == pytest.approx(result.metrics["AR_1000"])
+    # the single-IoU recalls at 1000 proposals, from the curves; the boxes the model output per image
+    curves = json.loads((out.dir / "curves.json").read_text())
+    assert result.metrics["recall_iou50"] == curves["recall_vs_proposals"]["0.50"][-1] >= result.metrics["recall_iou70"]
+    cache = ProposalCache(chain["proposals/ga_rpn"][1].dir / chain["proposals/ga_rpn"][2].outputs["caches"]["val"])
+    counts = [len(boxes) for boxes, _, _ in cache.read_all().values()]
+    assert result.metrics["proposals_per_image"] == pytest.approx(sum(counts) / len(counts)) and 0 < max(counts) <= 1000
 
 
 def test_detector_stages(chain):

@@ -98,6 +98,12 @@ def test_a_training_sweep_runs_on_tune_and_a_second_run_runs_nothing(sweep, coco
     assert "approx_samples=3" in table and "approx_samples=9" in table
     assert json.loads((sweep_files(workdir, parent) / "table.json").read_text())["trials"][0]["state"] == "done"
     assert len(list((sweep_files(workdir, parent) / "trials").glob("*.yaml"))) == 2
+    # the sweep ends with the workdir's report: its grid as a table, each point linked to its trial run
+    report = (workdir / "report.md").read_text()
+    grid = report.split(f"## Sweep grid ({parent.data.tags['sweep_key'][:12]})")[1].split("\n## ")[0]
+    for trial in trials:
+        assert f"/runs/{trial.info.run_id})" in grid
+    assert "report.html" in {a.path for a in mlflow_runs(workdir)[0].list_artifacts(parent.info.run_id)}
 
     before = len(mlflow_runs(workdir)[1])
     assert run("--grid", "proposer.approx_samples=3,9", "--set", f"data.val_ann={coco['val_ann']}") == 0
