@@ -27,6 +27,8 @@ INFERENCE_ONLY = {"inference_only": True}
 # Field metadata of a setting only GA-RPN reads: the RPN baseline's config carries it at its
 # default (``ProposerConfig.for_kind``), so that sweeping it never re-keys (retrains) the baseline.
 GA_ONLY = {"ga_only": True}
+# ... and of a setting only the RPN baseline reads (GA-RPN's config carries it at its default).
+RPN_ONLY = {"rpn_only": True}
 # The paper's lambda2 (shape-loss weight next to lambda1 = 1) in ``shape_weight`` units: the
 # paper's 0.1 assumes a ~10x larger location loss than the reference's normalisation gives (see
 # ``losses.location_loss``), so its balance is shape_weight = 10 x lambda2.
@@ -49,7 +51,11 @@ class ProposerConfig:
     fpn_channels: int = 64
     min_size: int = 256
     max_size: int = 256
-    rpn_anchor_scales: int = 1  # RPN baseline: 1 scale x 3 ratios, or 3 x 3 ("9 anchors")
+    rpn_anchor_scales: int = field(default=1, metadata=RPN_ONLY)  # 1 scale x 3 ratios, or 3 x 3 ("9 anchors")
+    # smooth-L1 beta of the box loss: torchvision's RPN 1/9; the reference's GA-RPN 1.0 (on deltas
+    # scaled by 1 / (0.07, 0.07, 0.11, 0.11), ``ga_rpn.PROPOSAL_DELTA_STDS``)
+    rpn_reg_beta: float = field(default=1 / 9, metadata=RPN_ONLY)
+    ga_reg_beta: float = field(default=1.0, metadata=GA_ONLY)
     octave_base_scale: float = 8.0  # anchor base size / stride, both kinds (sigma of GA); 8 = paper
     # GA-RPN ablation switches (paper Tables 4-6)
     use_location: bool = field(default=True, metadata=GA_ONLY)
@@ -94,6 +100,8 @@ class ProposerConfig:
         require(32 <= self.min_size <= self.max_size, "min_size", "need 32 <= min_size <= max_size")
         require(self.rpn_anchor_scales in (1, 3), "rpn_anchor_scales", "must be 1 or 3")
         require(self.octave_base_scale > 0, "octave_base_scale", "must be > 0")
+        require(self.rpn_reg_beta >= 0, "rpn_reg_beta", "must be >= 0 (0: L1)")
+        require(self.ga_reg_beta >= 0, "ga_reg_beta", "must be >= 0 (0: L1)")
         require(self.adaption in ("guided", "plain_deform"), "adaption", "must be 'guided' or 'plain_deform'")
         require(
             not (self.use_feature_adaption and self.adaption == "guided" and not self.use_shape),
@@ -112,11 +120,10 @@ class ProposerConfig:
         require(0 < self.nms_thresh <= 1, "nms_thresh", "must be in (0, 1]")
 
     def for_kind(self, kind: str) -> ProposerConfig:
-        """This config as a ``kind`` proposer; for the RPN baseline, with every GA-only setting
-        at its default (it reads none of them)."""
-        if kind != "rpn":
-            return replace(self, kind=kind)
-        return replace(self, kind=kind, **{f.name: f.default for f in fields(self) if f.metadata.get("ga_only")})
+        """This config as a ``kind`` proposer, with every setting only the other kind reads at its
+        default (``GA_ONLY``, ``RPN_ONLY``), so that changing one never re-keys the other."""
+        unread = "ga_only" if kind == "rpn" else "rpn_only"
+        return replace(self, kind=kind, **{f.name: f.default for f in fields(self) if f.metadata.get(unread)})
 
 
 class Proposer(nn.Module):
@@ -169,7 +176,8 @@ def build_proposal_network(
         proposals_in_training=proposals_in_training,
     )
     if cfg.kind == "rpn":
-        return build_rpn(in_channels, FPN_STRIDES, cfg.rpn_anchor_scales, cfg.octave_base_scale, **common)
+        return build_rpn(in_channels, FPN_STRIDES, cfg.rpn_anchor_scales, cfg.octave_base_scale, reg_beta=cfg.rpn_reg_beta,
+                         **common)
     head = GuidedAnchorHead(
         in_channels,
         use_location=cfg.use_location,
@@ -178,7 +186,8 @@ def build_proposal_network(
         center_alignment=cfg.center_alignment,
         adaption=cfg.adaption,
     )
-    return GARPN(head, anchor_guidance(cfg, FPN_STRIDES), loc_threshold=cfg.loc_threshold if cfg.use_location else 0.0, **common)
+    return GARPN(head, anchor_guidance(cfg, FPN_STRIDES), loc_threshold=cfg.loc_threshold if cfg.use_location else 0.0,
+                 reg_beta=cfg.ga_reg_beta, **common)
 
 
 def anchor_guidance(cfg: ProposerConfig, strides: tuple[int, ...], **overrides) -> AnchorGuidance:

@@ -15,6 +15,7 @@ from abc import ABCMeta, abstractmethod
 from typing import Any, NamedTuple
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 from torchvision.models.detection import _utils as det_utils
 from torchvision.models.detection.anchor_utils import AnchorGenerator
@@ -69,6 +70,7 @@ class ProposalNetworkBase(RegionProposalNetwork, metaclass=ABCMeta):
         train_post_nms_top_n: int = 2000,
         nms_thresh: float = 0.7,
         box_coder_weights: tuple[float, float, float, float] = (1.0, 1.0, 1.0, 1.0),
+        reg_beta: float = 1 / 9,
         proposals_in_training: bool = True,
     ) -> None:
         super().__init__(
@@ -86,6 +88,9 @@ class ProposalNetworkBase(RegionProposalNetwork, metaclass=ABCMeta):
         self.proposal_matcher = MinPosIoUMatcher(fg_iou_thresh, bg_iou_thresh, min_pos_iou)
         self.post_nms_per_level = post_nms_per_level
         self.proposals_in_training = proposals_in_training
+        if reg_beta < 0:
+            raise ValueError(f"reg_beta must be >= 0, got {reg_beta}")
+        self.reg_beta = reg_beta
 
     def forward(
         self, images: ImageList, features: dict[str, Tensor], targets: list[dict[str, Tensor]] | None = None
@@ -170,6 +175,24 @@ class ProposalNetworkBase(RegionProposalNetwork, metaclass=ABCMeta):
         regression_targets = self.box_coder.encode(matched_gt_boxes, anchors)
         loss_objectness, loss_box = self.compute_loss(objectness, deltas.reshape(-1, 4), labels, regression_targets)
         return {"loss_objectness": loss_objectness, "loss_rpn_box_reg": loss_box}
+
+    def compute_loss(
+        self, objectness: Tensor, pred_bbox_deltas: Tensor, labels: list[Tensor], regression_targets: list[Tensor]
+    ) -> tuple[Tensor, Tensor]:
+        """torchvision's RPN loss with the smooth-L1 ``beta`` a setting: torchvision fixes 1/9 (its
+        RPN's, on unit-weight deltas); the reference's GA-RPN uses 1.0 on deltas scaled by
+        1 / (0.07, 0.07, 0.11, 0.11). Both: BCE over the sampled anchors, the box loss summed over
+        the sampled positives and divided by all sampled.
+
+        objectness: Tensor[N * A] logits; pred_bbox_deltas: Tensor[N * A, 4]; labels and
+        regression_targets: per image Tensor[A] and Tensor[A, 4]."""
+        sampled_pos, sampled_neg = self.fg_bg_sampler(labels)
+        pos = torch.where(torch.cat(sampled_pos))[0]  # [P]
+        sampled = torch.cat([pos, torch.where(torch.cat(sampled_neg))[0]])  # [P + Q]
+        labels_flat, targets_flat = torch.cat(labels), torch.cat(regression_targets)  # [N * A], [N * A, 4]
+        box_loss = F.smooth_l1_loss(pred_bbox_deltas[pos], targets_flat[pos], beta=self.reg_beta, reduction="sum")
+        objectness_loss = F.binary_cross_entropy_with_logits(objectness.flatten()[sampled], labels_flat[sampled])
+        return objectness_loss, box_loss / sampled.numel()
 
 
 class ScoredRPN(ProposalNetworkBase):

@@ -213,6 +213,36 @@ def test_config_validation_names_the_field():
         ProposerConfig(pretrained_backbone=True)  # the tiny backbone has no weights
 
 
+def test_box_loss_beta_is_a_setting_per_network():
+    """torchvision's loss at its beta 1/9 (same sampled anchors), and beta 1.0 by hand."""
+    from torchvision.models.detection.rpn import RegionProposalNetwork
+
+    torch.manual_seed(0)
+    labels = [torch.tensor([1.0, 1.0, 0.0, 0.0, -1.0, 0.0]), torch.tensor([0.0, 1.0, 0.0, -1.0, 0.0, 0.0])]
+    targets = [torch.randn(6, 4), torch.randn(6, 4)]
+    deltas, objectness = torch.randn(12, 4), torch.randn(12)
+    rpn = build_proposal_network(small("rpn"), 32)
+    assert rpn.reg_beta == pytest.approx(1 / 9) and build_proposal_network(small(), 32).reg_beta == 1.0
+    torch.manual_seed(1)
+    ours = rpn.compute_loss(objectness, deltas, labels, targets)
+    torch.manual_seed(1)
+    theirs = RegionProposalNetwork.compute_loss(rpn, objectness, deltas, labels, targets)
+    torch.testing.assert_close(ours, theirs)
+    # every labelled anchor is sampled (2 + 1 positives, 3 + 4 negatives): box loss = sum over positives / 10
+    rpn.reg_beta = 1.0
+    _, box = rpn.compute_loss(objectness, deltas, labels, targets)
+    pos = torch.cat(labels) == 1
+    gap = (deltas[pos] - torch.cat(targets)[pos]).abs()
+    expected = torch.where(gap < 1.0, 0.5 * gap**2, gap - 0.5).sum() / 10
+    torch.testing.assert_close(box, expected)
+    # each kind's setting is the other's default, so changing one never re-keys the other
+    cfg = small(ga_reg_beta=0.5, rpn_reg_beta=0.25)
+    assert cfg.for_kind("rpn").ga_reg_beta == 1.0 and cfg.for_kind("rpn").rpn_reg_beta == 0.25
+    assert cfg.for_kind("ga_rpn").rpn_reg_beta == pytest.approx(1 / 9) and cfg.for_kind("ga_rpn").ga_reg_beta == 0.5
+    with pytest.raises(ValueError, match="ProposerConfig.ga_reg_beta"):
+        small(ga_reg_beta=-1.0)
+
+
 def test_rpn_nine_anchor_variant_has_three_times_the_anchors():
     torch.manual_seed(0)
     three = build_proposer(small("rpn")).eval()

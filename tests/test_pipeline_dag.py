@@ -64,6 +64,9 @@ def test_keys_are_stable_and_distinct():
     ("proposer.loc_threshold=0.05", {"proposals/ga_rpn", "eval_proposals/ga_rpn", "visualize"}),
     # a GA-only training setting re-keys the GA branch only (the baseline carries its default)
     ("proposer.center_ratio=0.3", {"train/ga_rpn", "proposals/ga_rpn", "eval_proposals/ga_rpn", "visualize"}),
+    # each variant's own box-loss beta re-keys its branch only
+    ("proposer.ga_reg_beta=0.5", {"train/ga_rpn", "proposals/ga_rpn", "eval_proposals/ga_rpn", "visualize"}),
+    ("proposer.rpn_reg_beta=0.5", {"train/rpn", "proposals/rpn", "eval_proposals/rpn", "visualize"}),
     # an inference setting both variants read
     ("proposer.nms_thresh=0.6", {"proposals/rpn", "eval_proposals/rpn", "proposals/ga_rpn",
                                  "eval_proposals/ga_rpn", "visualize"}),
