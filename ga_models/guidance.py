@@ -18,7 +18,9 @@ from torch import Tensor
 from .anchors import APPROX_SHAPE_SETS, boxes_from_centers, decode_shape, grid_centers
 from .head import LevelOutputs
 from .losses import bounded_iou_shape_loss, center_offset_loss, location_loss
-from .targets import approx_anchors, location_targets, sample_shape_positives, shape_targets
+from .targets import approx_anchors, location_targets, sample_shape_locations, shape_targets
+
+SHAPE_LOSS_NORMS = ("reference", "positives")
 
 
 @dataclass(frozen=True)
@@ -32,6 +34,10 @@ class AnchorGuidance:
     approx_samples: S sampled shapes of the vIoU estimate (3, 9 or 15).
     center_ratio, ignore_ratio: sigma1, sigma2 of the location targets.
     loc_weight, shape_weight: lambda1, lambda2 of the joint loss.
+    shape_loss_norm: what the summed shape loss is divided by: "reference", the locations the
+        shape sampler drew (positives + negatives, up to 256 per image, as the reference does:
+        shape_weight = 10 x the paper's lambda2); "positives", the sampled positives only (about
+        14x heavier on the synthetic set).
     center_offset: anchor centre at ((j + o) s, (i + o) s); 0.5 as in the paper, 0 as in the reference.
     shape_delta_std: scale of the raw shape output before exp.
     shape_pos_iou, shape_neg_iou, shape_min_pos_iou: the vIoU assigner thresholds
@@ -46,6 +52,7 @@ class AnchorGuidance:
     ignore_ratio: float = 0.5
     loc_weight: float = 1.0
     shape_weight: float = 1.0
+    shape_loss_norm: str = "reference"
     center_offset: float = 0.5
     shape_delta_std: float = 0.14
     shape_pos_iou: float = 0.7
@@ -58,6 +65,8 @@ class AnchorGuidance:
             raise ValueError(f"strides must be a non-empty sequence of positive ints, got {self.strides}")
         if self.approx_samples not in APPROX_SHAPE_SETS:
             raise ValueError(f"approx_samples must be one of {sorted(APPROX_SHAPE_SETS)}, got {self.approx_samples}")
+        if self.shape_loss_norm not in SHAPE_LOSS_NORMS:
+            raise ValueError(f"shape_loss_norm must be one of {SHAPE_LOSS_NORMS}, got {self.shape_loss_norm!r}")
         if not 0 < self.center_ratio <= self.ignore_ratio <= 1:
             raise ValueError(f"need 0 < center_ratio <= ignore_ratio <= 1, got {self.center_ratio}, {self.ignore_ratio}")
 
@@ -92,15 +101,17 @@ class AnchorGuidance:
         return losses
 
     def shape_loss(self, outs: list[LevelOutputs], gt_boxes: list[Tensor], sizes: list[tuple[int, int]]) -> Tensor:
-        """Mean bounded-IoU loss (Eq. 6) over the sampled positive locations of the batch
-        (plus the centre-offset loss without centre alignment); 0 when there are none."""
+        """Bounded-IoU loss (Eq. 6) summed over the sampled positive locations of the batch (plus
+        the centre-offset loss without centre alignment), divided as ``shape_loss_norm`` says; 0
+        when no positive is sampled."""
         device = outs[0].shape.device
         approx = approx_anchors(
             sizes, list(self.strides), self.approx_samples, device, self.octave_base_scale, self.center_offset
         )  # [A, S, 4]
         thresholds = (self.shape_pos_iou, self.shape_neg_iou, self.shape_min_pos_iou)
         assigned = [shape_targets(b, approx, *thresholds) for b in gt_boxes]
-        sampled = torch.stack(sample_shape_positives([a.labels for a in assigned]))  # [N, A] bool
+        positives, negatives = sample_shape_locations([a.labels for a in assigned])
+        sampled = torch.stack(positives)  # [N, A] bool
         shape = torch.cat([out.shape.permute(0, 2, 3, 1).flatten(1, 2) for out in outs], dim=1)  # [N, C_s, H_l, W_l] -> [N, A, C_s]
         n, a = sampled.nonzero(as_tuple=True)  # P each
         if n.numel() == 0:
@@ -115,4 +126,6 @@ class AnchorGuidance:
             center = approx[a, 0].view(-1, 2, 2).mean(dim=1)  # [P, 4] -> [P, 2, 2] -> [P, 2] location centre
             target_offset = ((matched[:, :2] + matched[:, 2:]) / 2 - center) / stride
             loss = loss + center_offset_loss(pred[:, :2], target_offset)
-        return loss.sum() / n.numel()
+        if self.shape_loss_norm == "positives":
+            return loss.sum() / n.numel()
+        return loss.sum() / (n.numel() + torch.stack(negatives).sum())  # sampled positives + negatives

@@ -16,7 +16,7 @@ from torchvision.ops import boxes as box_ops
 from .anchors import APPROX_SHAPE_SETS
 from .backbones import BACKBONES, FPN_STRIDES, build_backbone
 from .ga_rpn import GARPN
-from .guidance import AnchorGuidance
+from .guidance import SHAPE_LOSS_NORMS, AnchorGuidance
 from .head import GuidedAnchorHead
 from .rpn import ProposalNetworkBase, build_rpn
 from .validation import check_box_values, check_images, check_targets
@@ -71,6 +71,8 @@ class ProposerConfig:
     # the paper's (1, 0.1) is (1, 1) here).
     loc_weight: float = field(default=1.0, metadata=GA_ONLY)
     shape_weight: float = field(default=1.0, metadata=GA_ONLY)
+    # the shape loss's divisor: "reference" (the sampled locations) or "positives" (AnchorGuidance)
+    shape_loss_norm: str = field(default="reference", metadata=GA_ONLY)
     anchor_center_offset: float = field(default=0.5, metadata=GA_ONLY)  # 0.5 = paper, 0.0 = reference code
     # w = sigma * s * exp(std * dw); the reference's anchor-shape coder std
     shape_delta_std: float = field(default=0.14, metadata=GA_ONLY)
@@ -113,6 +115,7 @@ class ProposerConfig:
         require(0 < self.center_ratio <= self.ignore_ratio <= 1, "center_ratio", "need 0 < center_ratio <= ignore_ratio <= 1")
         require(self.loc_weight >= 0, "loc_weight", "must be >= 0")
         require(self.shape_weight >= 0, "shape_weight", "must be >= 0")
+        require(self.shape_loss_norm in SHAPE_LOSS_NORMS, "shape_loss_norm", f"must be one of {SHAPE_LOSS_NORMS}")
         require(0 <= self.anchor_center_offset <= 1, "anchor_center_offset", "must be in [0, 1]")
         require(0 < self.shape_delta_std <= 10, "shape_delta_std", "must be in (0, 10]")
         for name in ("pre_nms_top_n", "post_nms_per_level", "post_nms_top_n"):
@@ -200,6 +203,7 @@ def anchor_guidance(cfg: ProposerConfig, strides: tuple[int, ...], **overrides) 
         ignore_ratio=cfg.ignore_ratio,
         loc_weight=cfg.loc_weight,
         shape_weight=cfg.shape_weight,
+        shape_loss_norm=cfg.shape_loss_norm,
         center_offset=cfg.anchor_center_offset,
         shape_delta_std=cfg.shape_delta_std,
     )

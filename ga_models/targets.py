@@ -164,9 +164,13 @@ def shape_targets(
     return ShapeTargets(labels=labels, matched_boxes=matched_boxes, viou=best_viou)
 
 
-def sample_shape_positives(labels: list[Tensor], batch_size_per_image: int = 256, positive_fraction: float = 0.5) -> list[Tensor]:
-    """Sample the locations that carry shape loss (torchvision's balanced sampler; only the
-    sampled positives are used). labels: per image Tensor[A]. Returns per image Tensor[A] bool."""
+def sample_shape_locations(
+    labels: list[Tensor], batch_size_per_image: int = 256, positive_fraction: float = 0.5
+) -> tuple[list[Tensor], list[Tensor]]:
+    """Sample the locations of the shape loss (torchvision's balanced sampler, the reference's 256
+    per image, half positive at most): the sampled positives carry the loss; the sampled
+    negatives only count in the reference's normaliser. labels: per image Tensor[A].
+    Returns (positives, negatives): per image Tensor[A] bool each."""
     sampler = BalancedPositiveNegativeSampler(batch_size_per_image, positive_fraction)
-    positives, _ = sampler(labels)
-    return [p.bool() for p in positives]
+    positives, negatives = sampler(labels)
+    return [p.bool() for p in positives], [n.bool() for n in negatives]

@@ -103,7 +103,8 @@ _ALIGNMENT = Axis("alignment", (
 ))
 PAPER_LAMBDA2 = (0.02, 0.05, 0.1, 0.2)
 _LAMBDA2 = Axis("lambda2", tuple(
-    Choice(f"lambda2={lam}", {"proposer.shape_weight": round(lam * SHAPE_WEIGHT_PER_PAPER_LAMBDA2, 6)},
+    Choice(f"lambda2={lam}", {"proposer.shape_weight": round(lam * SHAPE_WEIGHT_PER_PAPER_LAMBDA2, 6),
+                              "proposer.shape_loss_norm": "reference"},
            {"lambda2": lam, "shape_weight": round(lam * SHAPE_WEIGHT_PER_PAPER_LAMBDA2, 6)})
     for lam in PAPER_LAMBDA2))
 _TABLE7_PROPOSER = Axis("proposer", tuple(
@@ -143,7 +144,7 @@ SWEEPS: dict[str, Sweep] = {s.name: s for s in (
           (over("proposer.center_ratio", (0.1, 0.2, 0.5)), over("proposer.ignore_ratio", (0.2, 0.5, 1.0))),
           keep=lambda p: p["center_ratio"] < p["ignore_ratio"]),
     Sweep("lambda2", f"shape-loss weight: the paper's lambda2 in {{{', '.join(map(str, PAPER_LAMBDA2))}}}, run as "
-          f"shape_weight = {SHAPE_WEIGHT_PER_PAPER_LAMBDA2:g} x lambda2 (this implementation's loss normalisation)",
+          f"shape_weight = {SHAPE_WEIGHT_PER_PAPER_LAMBDA2:g} x lambda2 with the reference's shape-loss normalisation",
           (_LAMBDA2,), paper=lambda p: paper.LAMBDA2.get(p["lambda2"])),
     Sweep("proposals", "Fast R-CNN trained and tested with {300, 1000} proposals x R-CNN IoU threshold "
           "{0.5, 0.6} x {RPN, GA-RPN} proposals (Table 7)",

@@ -7,7 +7,7 @@ from torchvision.ops import box_iou
 
 from ga_models import location_targets, shape_targets
 from ga_models.anchors import approx_shapes, assign_levels
-from ga_models.targets import approx_anchors, sample_shape_positives
+from ga_models.targets import approx_anchors, sample_shape_locations
 
 STRIDES = [4, 8, 16]
 SIZES = [(16, 16), (8, 8), (4, 4)]  # a 64 x 64 input
@@ -135,9 +135,10 @@ def test_shape_targets_without_boxes_and_sampler():
     assert (empty.labels == 0).all() and empty.labels.shape == (approx.shape[0],)
     labels = torch.full((1000,), 0, dtype=torch.int64)
     labels[:300] = 1
-    sampled = sample_shape_positives([labels, torch.zeros(1000, dtype=torch.int64)], batch_size_per_image=256)
+    sampled, negatives = sample_shape_locations([labels, torch.zeros(1000, dtype=torch.int64)], batch_size_per_image=256)
     assert sampled[0].sum() == 128 and sampled[0][300:].sum() == 0  # at most half of 256, positives only
-    assert sampled[1].sum() == 0
+    assert negatives[0].sum() == 128 and negatives[0][:300].sum() == 0  # the rest of 256, negatives
+    assert sampled[1].sum() == 0 and negatives[1].sum() == 256
 
 
 def test_location_loss_weights_and_normalisation_hand_computed():
@@ -157,3 +158,26 @@ def test_bounded_iou_shape_loss_hand_computed():
     # w: min(10/20, 20/10) = 0.5 -> gap 0.5 > beta: 0.5 - 0.1; h exact -> 0; second: gap 0.1 < beta: 0.5 * 0.1^2 / 0.2
     loss = bounded_iou_shape_loss(torch.tensor([[10.0, 20.0], [18.0, 30.0]]), torch.tensor([[20.0, 20.0], [20.0, 30.0]]))
     torch.testing.assert_close(loss, torch.tensor([0.4, 0.025]))
+
+
+@pytest.mark.parametrize("norm", ["reference", "positives"])
+def test_shape_loss_normalisations_hand_computed(norm):
+    """One 8 x 8 level (stride 8, anchors 8 x 8 = 64 px squares where the shape output is 0) and
+    one 40 x 64 box: every labelled location is sampled (P positives <= 128, P + Q <= 256), each
+    positive costs the bounded-IoU loss of a 64 x 64 anchor against 40 x 64, and the sum is divided
+    by P + Q ("reference": the sampled locations) or by P ("positives")."""
+    from ga_models.guidance import AnchorGuidance
+    from ga_models.head import LevelOutputs
+    from ga_models.losses import bounded_iou_shape_loss
+    from ga_models.targets import shape_targets
+
+    guidance = AnchorGuidance((8,), octave_base_scale=8.0, shape_loss_norm=norm)
+    box = torch.tensor([[12.0, 0.0, 52.0, 64.0]])
+    out = LevelOutputs(None, torch.zeros(1, 2, 8, 8), torch.zeros(1, 1, 8, 8), torch.zeros(1, 4, 8, 8), None)
+    labels = shape_targets(box, approx_anchors([(8, 8)], [8], 9, torch.device("cpu"))).labels
+    positives, negatives = int((labels == 1).sum()), int((labels == 0).sum())
+    assert 0 < positives <= 128 and positives + negatives <= 256
+    per_location = bounded_iou_shape_loss(torch.tensor([[64.0, 64.0]]), torch.tensor([[40.0, 64.0]]))[0]
+    divisor = positives + negatives if norm == "reference" else positives
+    loss = guidance.shape_loss([out], [box], [(8, 8)])
+    torch.testing.assert_close(loss, per_location * positives / divisor)

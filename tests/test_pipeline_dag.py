@@ -67,6 +67,7 @@ def test_keys_are_stable_and_distinct():
     # each variant's own box-loss beta re-keys its branch only
     ("proposer.ga_reg_beta=0.5", {"train/ga_rpn", "proposals/ga_rpn", "eval_proposals/ga_rpn", "visualize"}),
     ("proposer.rpn_reg_beta=0.5", {"train/rpn", "proposals/rpn", "eval_proposals/rpn", "visualize"}),
+    ("proposer.shape_loss_norm=positives", {"train/ga_rpn", "proposals/ga_rpn", "eval_proposals/ga_rpn", "visualize"}),
     # an inference setting both variants read
     ("proposer.nms_thresh=0.6", {"proposals/rpn", "eval_proposals/rpn", "proposals/ga_rpn",
                                  "eval_proposals/ga_rpn", "visualize"}),
