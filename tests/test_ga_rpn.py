@@ -260,3 +260,29 @@ def test_resnet_fpn_backbones_give_five_levels_at_the_fpn_strides(name, channels
     assert all(p.requires_grad for p in backbone.parameters())  # random init: every stage trains
     with pytest.raises(ValueError, match="backbone"):
         build_backbone("vgg16", channels)
+
+
+# Seeded losses of the small models on the toy image, at initialisation and after one SGD step
+# (torch 2.14.1, CPU), as detectron2 pins its RPN's: a refactor that changes targets, sampling,
+# normalisation or gradients changes them. Change a number only with a reason in the commit.
+PINNED_LOSSES = {
+    "rpn": [{"loss_objectness": 0.691249, "loss_rpn_box_reg": 0.046763},
+            {"loss_objectness": 0.690624, "loss_rpn_box_reg": 0.046604}],
+    "ga_rpn": [{"loss_anchor_loc": 3.816881, "loss_anchor_shape": 0.0798, "loss_objectness": 0.692989,
+                "loss_rpn_box_reg": 0.157719},
+               {"loss_anchor_loc": 3.796031, "loss_anchor_shape": 0.079801, "loss_objectness": 0.690597,
+                "loss_rpn_box_reg": 0.162777}],
+}
+
+
+@pytest.mark.parametrize("kind", ["rpn", "ga_rpn"])
+def test_seeded_losses_are_pinned(kind):
+    torch.manual_seed(0)
+    model = build_proposer(small(kind)).train()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    for expected in PINNED_LOSSES[kind]:
+        losses = model([toy_image()], [{"boxes": BOXES}])
+        assert {k: float(v.detach()) for k, v in losses.items()} == pytest.approx(expected, abs=1e-4)
+        optimizer.zero_grad()
+        sum(losses.values()).backward()
+        optimizer.step()
