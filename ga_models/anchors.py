@@ -37,8 +37,9 @@ def assign_levels(gt_boxes: Tensor, strides: list[int], octave_base_scale: float
     return level.clamp(0, len(strides) - 1).long()
 
 
-def grid_centers(height: int, width: int, stride: int, device: torch.device, center_offset: float = 0.5) -> Tensor:
-    """Anchor centres of a level grid, row-major: Tensor[H*W, 2] as (x, y) = ((j + offset) s, (i + offset) s)."""
+def grid_centers(height: int, width: int, stride: int, device: torch.device, center_offset: float = 0.0) -> Tensor:
+    """Anchor centres of a level grid, row-major: Tensor[H*W, 2] as (x, y) = ((j + offset) s, (i + offset) s);
+    offset 0 is torchvision's ``AnchorGenerator`` (the RPN baseline's) and the reference's."""
     ys = (torch.arange(height, device=device, dtype=torch.float32) + center_offset) * stride
     xs = (torch.arange(width, device=device, dtype=torch.float32) + center_offset) * stride
     yy, xx = torch.meshgrid(ys, xs, indexing="ij")

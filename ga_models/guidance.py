@@ -38,7 +38,12 @@ class AnchorGuidance:
         shape sampler drew (positives + negatives, up to 256 per image, as the reference does:
         shape_weight = 10 x the paper's lambda2); "positives", the sampled positives only (about
         14x heavier on the synthetic set).
-    center_offset: anchor centre at ((j + o) s, (i + o) s); 0.5 as in the paper, 0 as in the reference.
+    center_offset: anchor centre at ((j + o) s, (i + o) s) for guided and approximate anchors, and
+        the cell grid of the location targets: 0, as torchvision's anchors (the RPN baseline's) and
+        the reference's; 0.5 puts them at the cell centres the paper draws.
+    targets_follow_offset: False puts the location targets on the j s grid whatever the anchors'
+        offset (this implementation's convention before they shared one: anchors at 0.5 then sat
+        half a stride right of and below the boxes that made them positive).
     shape_delta_std: scale of the raw shape output before exp.
     shape_pos_iou, shape_neg_iou, shape_min_pos_iou: the vIoU assigner thresholds
         (GA-RPN 0.7 / 0.3 / 0.3, GA-RetinaNet 0.5 / 0.4 / 0.4).
@@ -53,7 +58,8 @@ class AnchorGuidance:
     loc_weight: float = 1.0
     shape_weight: float = 1.0
     shape_loss_norm: str = "reference"
-    center_offset: float = 0.5
+    center_offset: float = 0.0
+    targets_follow_offset: bool = True
     shape_delta_std: float = 0.14
     shape_pos_iou: float = 0.7
     shape_neg_iou: float = 0.3
@@ -91,7 +97,8 @@ class AnchorGuidance:
         sizes = [tuple(level.cls.shape[-2:]) for level in outs]
         losses = {}
         if outs[0].loc is not None:
-            args = (sizes, list(self.strides), self.center_ratio, self.ignore_ratio, self.octave_base_scale)
+            offset = self.center_offset if self.targets_follow_offset else 0.0
+            args = (sizes, list(self.strides), self.center_ratio, self.ignore_ratio, self.octave_base_scale, offset)
             per_image = [location_targets(b, *args) for b in gt_boxes]  # per image, per level [H_l, W_l]
             target = torch.cat([torch.stack([t[l] for t in per_image]).flatten(1) for l in range(len(sizes))], dim=1)  # [N, A]
             logits = torch.cat([level.loc.flatten(1) for level in outs], dim=1)  # [N, 1, H_l, W_l] -> [N, A]

@@ -73,7 +73,11 @@ class ProposerConfig:
     shape_weight: float = field(default=1.0, metadata=GA_ONLY)
     # the shape loss's divisor: "reference" (the sampled locations) or "positives" (AnchorGuidance)
     shape_loss_norm: str = field(default="reference", metadata=GA_ONLY)
-    anchor_center_offset: float = field(default=0.5, metadata=GA_ONLY)  # 0.5 = paper, 0.0 = reference code
+    # anchors and location-target cells at ((j + o) s, (i + o) s): 0 = torchvision's RPN anchors and
+    # the reference; 0.5 = cell centres. location_targets_follow_offset=false: targets on the j s
+    # grid whatever o (the convention before they shared one; AnchorGuidance)
+    anchor_center_offset: float = field(default=0.0, metadata=GA_ONLY)
+    location_targets_follow_offset: bool = field(default=True, metadata=GA_ONLY)
     # w = sigma * s * exp(std * dw); the reference's anchor-shape coder std
     shape_delta_std: float = field(default=0.14, metadata=GA_ONLY)
     # test-time selection (both kinds)
@@ -205,6 +209,7 @@ def anchor_guidance(cfg: ProposerConfig, strides: tuple[int, ...], **overrides) 
         shape_weight=cfg.shape_weight,
         shape_loss_norm=cfg.shape_loss_norm,
         center_offset=cfg.anchor_center_offset,
+        targets_follow_offset=cfg.location_targets_follow_offset,
         shape_delta_std=cfg.shape_delta_std,
     )
     return AnchorGuidance(tuple(strides), **{**settings, **overrides})

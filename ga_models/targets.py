@@ -67,9 +67,15 @@ def location_targets(
     center_ratio: float = 0.2,
     ignore_ratio: float = 0.5,
     octave_base_scale: float = 8,
+    center_offset: float = 0.0,
 ) -> list[Tensor]:
     """Anchor-location targets of one image: a Tensor[H_l, W_l] float per level with
     1 = positive (centre region CR), 0 = negative (outside OR), -1 = ignored.
+
+    Cell (i, j) of a level of stride s is the location whose anchor is centred at
+    ((j + center_offset) s, (i + center_offset) s) (``grid_centers``): region edges are rounded in
+    those cell units (the reference's rounding), so a box centred on a cell's anchor centre gets
+    positive cells symmetric around it.
 
     gt_boxes: Tensor[K, 4] xyxy in input pixels (K may be 0). Each box is assigned to one
     level (``assign_levels``); on that level its CR (central ``center_ratio``) is positive and
@@ -89,7 +95,7 @@ def location_targets(
         target = gt_boxes.new_zeros((height, width))
         on_level = levels == level
         adjacent = (levels - level).abs() == 1
-        grid_boxes = gt_boxes / stride
+        grid_boxes = gt_boxes / stride - center_offset  # [K, 4] in cell units
         ignore = _region_masks(grid_boxes[on_level | adjacent], ignore_ratio, height, width).any(0)
         positive = _region_masks(grid_boxes[on_level], center_ratio, height, width).any(0)
         target[ignore] = -1.0
@@ -117,7 +123,7 @@ def approx_anchors(
     approx_samples: int,
     device: torch.device,
     octave_base_scale: float = 8,
-    center_offset: float = 0.5,
+    center_offset: float = 0.0,
 ) -> Tensor:
     """The S sampled anchors at every location: Tensor[A, S, 4] xyxy, levels concatenated."""
     per_level = []

@@ -243,6 +243,16 @@ def test_box_loss_beta_is_a_setting_per_network():
         small(ga_reg_beta=-1.0)
 
 
+def test_code_defaults_are_the_consistent_reference_choices_and_the_default_preset_keeps_its_measured_ones():
+    from pipeline.config import resolve
+
+    for cfg, expected in ((small(), (0.0, True, "reference", 1.0)),
+                          (resolve("default").proposer_for("ga_rpn"), (0.5, False, "positives", 1 / 9))):
+        network = build_proposal_network(cfg, 32)
+        g = network.guidance
+        assert (g.center_offset, g.targets_follow_offset, g.shape_loss_norm, network.reg_beta) == pytest.approx(expected)
+
+
 def test_rpn_nine_anchor_variant_has_three_times_the_anchors():
     torch.manual_seed(0)
     three = build_proposer(small("rpn")).eval()
@@ -268,10 +278,10 @@ def test_resnet_fpn_backbones_give_five_levels_at_the_fpn_strides(name, channels
 PINNED_LOSSES = {
     "rpn": [{"loss_objectness": 0.691249, "loss_rpn_box_reg": 0.046763},
             {"loss_objectness": 0.690624, "loss_rpn_box_reg": 0.046604}],
-    "ga_rpn": [{"loss_anchor_loc": 3.816881, "loss_anchor_shape": 0.0798, "loss_objectness": 0.692989,
-                "loss_rpn_box_reg": 0.157719},
-               {"loss_anchor_loc": 3.796031, "loss_anchor_shape": 0.079801, "loss_objectness": 0.690597,
-                "loss_rpn_box_reg": 0.162777}],
+    "ga_rpn": [{"loss_anchor_loc": 3.816881, "loss_anchor_shape": 0.068337, "loss_objectness": 0.692983,
+                "loss_rpn_box_reg": 0.169169},
+               {"loss_anchor_loc": 3.796021, "loss_anchor_shape": 0.068328, "loss_objectness": 0.690596,
+                "loss_rpn_box_reg": 0.179645}],
 }
 
 

@@ -94,7 +94,7 @@ def test_approx_shape_sets():
 
 def test_shape_targets_hand_checked():
     # one level, stride 8, 8x8 grid, K = 3 shapes (90.5x45.3, 64x64, 45.3x90.5) centred at ((j+.5)8, (i+.5)8).
-    approx = approx_anchors([(8, 8)], [8], 3, torch.device("cpu"))
+    approx = approx_anchors([(8, 8)], [8], 3, torch.device("cpu"), center_offset=0.5)
     gt = torch.tensor([[-20.0, -20.0, 44.0, 44.0]])  # exactly the 64x64 sample at (i, j) = (1, 1)
     result = shape_targets(gt, approx)
     at = lambda i, j: i * 8 + j  # noqa: E731
@@ -181,3 +181,41 @@ def test_shape_loss_normalisations_hand_computed(norm):
     divisor = positives + negatives if norm == "reference" else positives
     loss = guidance.shape_loss([out], [box], [(8, 8)])
     torch.testing.assert_close(loss, per_location * positives / divisor)
+
+
+@pytest.mark.parametrize("offset", [0.0, 0.5])
+def test_anchors_approx_anchors_and_location_targets_share_one_centre(offset):
+    """On every level of a 512 px input (strides 4-64, base 8): a square box of 1.1 x the level's
+    base size (35.2 x 2^l px), centred on the anchor centre of cell (k, k), gets the 3 x 3 positive
+    cells around (k, k) (its centre region is +-0.88 cells), so the positives' anchor centres, and
+    the approximate anchors' there, average exactly to the box centre."""
+    from ga_models.anchors import grid_centers
+
+    strides = [4, 8, 16, 32, 64]
+    sizes = [(512 // s, 512 // s) for s in strides]
+    approx = approx_anchors(sizes, strides, 9, torch.device("cpu"), center_offset=offset)  # [A, S, 4]
+    starts = torch.tensor([0, *torch.tensor([h * w for h, w in sizes]).cumsum(0).tolist()])
+    for level, (stride, (height, width)) in enumerate(zip(strides, sizes)):
+        k = height // 2
+        center = (k + offset) * stride
+        half = 1.1 * 8 * stride / 2
+        box = torch.tensor([[center - half, center - half, center + half, center + half]])
+        targets = location_targets(box, sizes, strides, 0.2, 0.5, 8.0, center_offset=offset)
+        positive = (targets[level] == 1).flatten()
+        rows, cols = torch.nonzero(targets[level] == 1, as_tuple=True)
+        assert sorted(set(rows.tolist())) == sorted(set(cols.tolist())) == [k - 1, k, k + 1], level
+        centers = grid_centers(height, width, stride, torch.device("cpu"), offset)[positive]  # [9, 2]
+        torch.testing.assert_close(centers.mean(0), torch.tensor([center, center]))
+        approx_centers = approx[starts[level]:starts[level + 1]][positive].view(-1, 9, 2, 2).mean(dim=2)  # [9, S, 2]
+        torch.testing.assert_close(approx_centers.mean(dim=(0, 1)), torch.tensor([center, center]))
+
+
+def test_the_convention_before_sharing_one_put_positives_half_a_stride_off():
+    """Targets on the j s grid under anchors at +0.5 stride (``targets_follow_offset=False``): the
+    positive cells' anchors sit on average half a stride right of and below the box centre."""
+    from ga_models.anchors import grid_centers
+
+    box = torch.tensor([[16.0 - 17.6, 16.0 - 17.6, 16.0 + 17.6, 16.0 + 17.6]])  # centred on (16, 16), level 0
+    positive = location_targets(box, [(16, 16)], [4], 0.2, 0.5, 8.0)[0] == 1  # the j s grid
+    centers = grid_centers(16, 16, 4, torch.device("cpu"), 0.5)[positive.flatten()]
+    torch.testing.assert_close(centers.mean(0), torch.tensor([18.0, 18.0]))  # +0.5 x stride 4
