@@ -222,7 +222,21 @@ def table1(full: Mapping[str, Result], seeded: SweepRecord | None, cfg: Pipeline
          "s/img on a GPU.", differences(cfg, seeds),
          _full_source(workdir) + " Rows measured by `sweep table1` (several seeds) take its numbers instead."),
         "python -m pipeline sweep table1 --seeds 3",
+        _location_filter(full.get("visualize"), cfg.proposer.loc_threshold),
     )
+
+
+def _location_filter(visualize: Result | None, eps: float) -> tuple[str, ...]:
+    """A note on what GA-RPN's location filter keeps and drops (the ``visualize`` node's metrics)."""
+    if visualize is None or "loc_kept_fraction" not in visualize.metrics:
+        return ()
+    m = {k: v.mean for k, v in visualize.metrics.items()}
+    dropped = f", and no kept location covers the centre of {100 * m['gt_centers_dropped']:.1f}% of the ground-truth " \
+              "boxes" if "gt_centers_dropped" in m else ""
+    high = (f" Proposals per image with IoU >= 0.7: RPN {m['proposals_iou70_rpn']:.1f}, GA-RPN "
+            f"{m['proposals_iou70_ga_rpn']:.1f} (Figure 3).") if "proposals_iou70_rpn" in m and "proposals_iou70_ga_rpn" in m else ""
+    return (f"GA-RPN's location filter (eps_L = {eps:g}) keeps {100 * m['loc_kept_fraction']:.0f}% of the locations "
+            f"({m.get('guided_anchors_per_image', float('nan')):.0f} guided anchors per image){dropped}.{high}",)
 
 
 def detector_table(anchor: str, title: str, reference: Mapping[str, float], full: Mapping[str, Result],

@@ -117,6 +117,17 @@ def test_full_results_fill_every_table_with_the_paper_and_the_difference():
     assert "pending" not in text
 
 
+def test_table1_says_what_the_location_filter_keeps_and_drops():
+    full = full_results()
+    visual = result_of([{"loc_kept_fraction": 0.54, "gt_centers_dropped": 0.012, "guided_anchors_per_image": 2950.0,
+                         "proposals_iou70_rpn": 40.2, "proposals_iou70_ga_rpn": 61.5}])
+    t1 = build_tables(CFG, FullRun({**full.results, "visualize": visual}, {}, {}), [], "w")[0]
+    assert t1.notes == ("GA-RPN's location filter (eps_L = 0.01) keeps 54% of the locations (2950 guided anchors per "
+                        "image), and no kept location covers the centre of 1.2% of the ground-truth boxes. Proposals "
+                        "per image with IoU >= 0.7: RPN 40.2, GA-RPN 61.5 (Figure 3).",)
+    assert build_tables(CFG, full, [], "w")[0].notes == ()  # no visualize node yet: nothing said
+
+
 def test_table1_takes_the_full_run_where_the_seeded_sweep_has_no_row():
     only_rpn = SweepRecord("table1", "k", "2026-01-01 00:00:00 UTC", 3, None, tuple(
         {"point": "RPN", "state": DONE, "metrics": {"AR_1000": v}, "run_id": f"r{i}", "point_run_id": "agg"}
