@@ -131,7 +131,7 @@ def build_figures(full: FullRun, files_dir: Path) -> list[ReportFigure]:
     figures = []
     if curves:
         recall_comparison(curves, files_dir / "recall.png")
-    figures.append(ReportFigure("recall", "Recall of RPN and GA-RPN proposals",
+    figures.append(ReportFigure("recall", "Recall curves: RPN and GA-RPN proposals",
                                 "Recall vs proposals per image and vs IoU threshold on the val set, both models on "
                                 "the same axes (the data behind the paper's Fig. 3 and Table 1).",
                                 f"{FILES_DIR}/recall.png" if curves else None,

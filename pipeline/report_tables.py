@@ -231,8 +231,10 @@ def _location_filter(visualize: Result | None, eps: float) -> tuple[str, ...]:
     if visualize is None or "loc_kept_fraction" not in visualize.metrics:
         return ()
     m = {k: v.mean for k, v in visualize.metrics.items()}
-    dropped = f", and no kept location covers the centre of {100 * m['gt_centers_dropped']:.1f}% of the ground-truth " \
-              "boxes" if "gt_centers_dropped" in m else ""
+    share = m.get("gt_centers_dropped")
+    dropped = "" if share is None else (", and covers every ground-truth box's centre" if share == 0 else
+                                        f", and no kept location covers the centre of {100 * share:.1f}% of the "
+                                        "ground-truth boxes")
     high = (f" Proposals per image with IoU >= 0.7: RPN {m['proposals_iou70_rpn']:.1f}, GA-RPN "
             f"{m['proposals_iou70_ga_rpn']:.1f} (Figure 3).") if "proposals_iou70_rpn" in m and "proposals_iou70_ga_rpn" in m else ""
     return (f"GA-RPN's location filter (eps_L = {eps:g}) keeps {100 * m['loc_kept_fraction']:.0f}% of the locations "
@@ -275,13 +277,13 @@ SWEEP_TABLES: tuple[SweepTableSpec, ...] = (
     SweepTableSpec("table-7", "Table 7: Fast R-CNN by proposals per image and R-CNN IoU threshold", "proposals",
                    ("AP", "AP50", "AP75"),
                    lambda p: f"{PROPOSER_LABELS[p['proposer']]}, {p['num_proposals']} proposals, IoU {p['rcnn_iou']}"),
-    SweepTableSpec("sensitivity-k", "Sensitivity: approximate shapes K sampled per location (vIoU)", "samples",
+    SweepTableSpec("sensitivity-k", "Sensitivity to K: approximate shapes sampled per location (vIoU)", "samples",
                    ("AR_100", "AR_1000"), lambda p: f"K = {p['approx_samples']}"),
-    SweepTableSpec("sensitivity-sigma", "Sensitivity: centre and ignore regions (sigma1, sigma2)", "sigma",
+    SweepTableSpec("sensitivity-sigma", "Sensitivity to sigma1, sigma2: centre and ignore regions", "sigma",
                    ("AR_100", "AR_1000"), lambda p: f"sigma1 = {p['center_ratio']}, sigma2 = {p['ignore_ratio']}",
                    ("The paper: every sigma1 in [0.1, 0.5] and sigma2 in [0.2, 1.0] gave AR@1000 68.1-68.5 "
                     "(no per-setting numbers).",)),
-    SweepTableSpec("sensitivity-lambda2", "Sensitivity: shape-loss weight lambda2", "lambda2", ("AR_100", "AR_1000"),
+    SweepTableSpec("sensitivity-lambda2", "Sensitivity to lambda2: the shape-loss weight", "lambda2", ("AR_100", "AR_1000"),
                    lambda p: f"lambda2 = {p['lambda2']}"),
 )
 

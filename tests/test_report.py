@@ -126,6 +126,10 @@ def test_table1_says_what_the_location_filter_keeps_and_drops():
                         "image), and no kept location covers the centre of 1.2% of the ground-truth boxes. Proposals "
                         "per image with IoU >= 0.7: RPN 40.2, GA-RPN 61.5 (Figure 3).",)
     assert build_tables(CFG, full, [], "w")[0].notes == ()  # no visualize node yet: nothing said
+    none_dropped = result_of([{"loc_kept_fraction": 0.8, "gt_centers_dropped": 0.0, "guided_anchors_per_image": 4349.0}])
+    assert build_tables(CFG, FullRun({"visualize": none_dropped}, {}, {}), [], "w")[0].notes == (
+        "GA-RPN's location filter (eps_L = 0.01) keeps 80% of the locations (4349 guided anchors per image), and "
+        "covers every ground-truth box's centre.",)
 
 
 def test_table1_takes_the_full_run_where_the_seeded_sweep_has_no_row():
