@@ -103,7 +103,7 @@ def _sweep_config(path: Path) -> PipelineConfig | None:
 
 
 def build_tables(cfg: PipelineConfig, full: FullRun, sweeps: list[SweepRecord], workdir: str) -> list[Table]:
-    """Tables 1-7, the sensitivity tables, then one table per ad-hoc sweep."""
+    """Tables 1-7, the sensitivity tables, then one table per other sweep (``fidelity``, ``--grid``)."""
     latest: dict[str, SweepRecord] = {}
     for record in sweeps:  # newest first
         latest.setdefault(record.name, record)
@@ -116,7 +116,10 @@ def build_tables(cfg: PipelineConfig, full: FullRun, sweeps: list[SweepRecord], 
                        "fine-tuned (lr / 10 after each epoch; the paper: 3 epochs); the paper's: COCO val."),
     ]
     tables[3:3] = [sweep_table(spec, latest.get(spec.sweep), cfg, workdir) for spec in SWEEP_TABLES]
-    tables += [adhoc_table(r, workdir) for r in sweeps if r.name not in SWEEPS]
+    # every other sweep as its own table: a named one's newest run, each ad-hoc grid (its own key)
+    covered = {"table1", *(spec.sweep for spec in SWEEP_TABLES)}
+    tables += [adhoc_table(r, workdir) for r in sweeps
+               if r.name not in covered and (r.name not in SWEEPS or latest[r.name] is r)]
     return tables
 
 

@@ -16,7 +16,7 @@ from typing import Any
 
 from pipeline.config import PipelineConfig
 from pipeline.sweep_table import CACHED, DONE
-from pipeline.sweeps import SWEEPS, expand
+from pipeline.sweeps import SWEEPS, TARGET_METRICS, expand
 from stages import paper
 from stages.detection import LABELS as DETECTOR_LABELS
 
@@ -309,9 +309,12 @@ def sweep_table(spec: SweepTableSpec, record: SweepRecord | None, cfg: PipelineC
 
 
 def adhoc_table(record: SweepRecord, workdir: str) -> Table:
-    """An ad-hoc ``--grid`` sweep: its points with every metric its trials report (no paper numbers)."""
+    """A sweep without a paper table (``fidelity``, a ``--grid``): its points with the evaluation
+    metrics its trials report (``TARGET_METRICS``), no paper numbers."""
     points = record.points()
-    columns = tuple(dict.fromkeys(m for r in points.values() for m in r.metrics if not m.endswith(("_median", "_min", "_max"))))
+    measured = {m for r in points.values() for m in r.metrics}
+    known = [m for metrics in TARGET_METRICS.values() for m in metrics]
+    columns = tuple(m for m in known if m in measured) or tuple(sorted(measured))
     rows = tuple(Row(point, result) for point, result in points.items())
     setting = f"Setting: {describe_setting(record.cfg)}." if record.cfg else "Setting: (its config could not be read)."
     return Table(f"sweep-{record.name}-{record.key[:12]}", f"Sweep {record.name} ({record.key[:12]})", columns, rows,

@@ -124,6 +124,21 @@ _TABLE1 = Axis("table1", (
     Choice("GA-RPN", {}, {"table1": "GA-RPN", "proposer": "ga_rpn"}),
 ))
 
+# Issue 11's fidelity fixes against the default preset's settings (its conventions before them),
+# each alone, all together, and all with K = 15: one axis, GA-RPN only (none changes the RPN).
+_FIXES = {
+    "centre": {"proposer.anchor_center_offset": 0.0, "proposer.location_targets_follow_offset": True},
+    "shape_norm": {"proposer.shape_loss_norm": "reference"},
+    "beta": {"proposer.ga_reg_beta": 1.0},
+}
+_ALL_FIXES = {k: v for fix in _FIXES.values() for k, v in fix.items()}
+_FIDELITY = Axis("fidelity", (
+    Choice("preset", {}, {"fidelity": "preset"}),
+    *(Choice(name, fix, {"fidelity": name}) for name, fix in _FIXES.items()),
+    Choice("all", _ALL_FIXES, {"fidelity": "all"}),
+    Choice("all+K15", {**_ALL_FIXES, "proposer.approx_samples": 15}, {"fidelity": "all+K15"}),
+))
+
 SWEEPS: dict[str, Sweep] = {s.name: s for s in (
     Sweep("table1", "RPN (1 and 3 anchor scales) and GA-RPN, the rows of Table 1; with --seeds N, their "
           "mean and spread (the first seed reuses what `pipeline full` trained)",
@@ -151,6 +166,9 @@ SWEEPS: dict[str, Sweep] = {s.name: s for s in (
           (_TABLE7_PROPOSER, _TABLE7_PROPOSALS, _TABLE7_IOU), target="eval_detector/fast_rcnn_{proposer}",
           base={"detector.finetune": []},
           paper=lambda p: _ap(paper.TABLE7.get((p["proposer"], p["num_proposals"], p["rcnn_iou"])))),
+    Sweep("fidelity", "GA-RPN with the preset's conventions, then with the reference's centre convention, shape-loss "
+          "normalisation or box-loss beta alone, all three, and all three with K = 15 (meant for --seeds 3)",
+          (_FIDELITY,), paper=lambda p: paper.TABLE1["GA-RPN"]),
 )}
 
 

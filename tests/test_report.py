@@ -16,7 +16,7 @@ from pipeline.config import resolve
 from pipeline.report import FullRun, build_tables, read_sweeps, write_report
 from pipeline.report_figures import FIGSIZE, recall_comparison
 from pipeline.report_render import markdown
-from pipeline.report_tables import Result, Row, Stat, SweepRecord, Table, result_of
+from pipeline.report_tables import SWEEP_TABLES, Result, Row, Stat, SweepRecord, Table, result_of
 from pipeline.sweep_table import DONE, FAILED
 from pipeline.sweeps import SWEEPS, expand
 from pipeline.tracking import Tracker
@@ -100,7 +100,7 @@ def markdown_of(tables, judged=()):
 
 
 def test_full_results_fill_every_table_with_the_paper_and_the_difference():
-    sweeps = [sweep_record(name, seeds=2 if name == "modules" else 1) for name in SWEEPS if name != "table1"]
+    sweeps = [sweep_record(spec.sweep, seeds=2 if spec.sweep == "modules" else 1) for spec in SWEEP_TABLES]
     text = markdown_of(build_tables(CFG, full_results(), sweeps, "runs/smoke"))
     # one seed: the value, the paper's, the difference in points; the row links its MLflow run
     assert ("| GA-RPN | 40.0 / 59.2 / -19.2 | 45.0 / 65.2 / -20.2 | 50.0 / 68.5 / -18.5 | 30.0 / 40.9 / -10.9 | "
@@ -140,6 +140,17 @@ def test_table1_takes_the_full_run_where_the_seeded_sweep_has_no_row():
     assert t1.stat("RPN", "AR_1000") == pytest.approx(Stat(42.0, 2.0, 3))
     assert t1.stat("GA-RPN", "AR_1000") == Stat(50.0, 0.0, 1)  # from `pipeline full`
     assert t1.rows[0].result.run_id == "agg" and t1.rows[1].result is None  # RPN + 9 anchors: pending
+
+
+def test_sweeps_without_a_paper_table_get_their_own():
+    grid = SweepRecord("grid", "k" * 20, "2026-01-02 00:00:00 UTC", 1, None, (
+        {"point": "nms_thresh=0.6", "state": DONE, "metrics": {"AR_1000": 0.4, "anchors_per_image": 900.0,
+                                                                "AR_1000_extra": 1.0}, "run_id": "g0"},))
+    tables = build_tables(CFG, no_results(), [sweep_record("fidelity"), grid], "w")
+    fidelity, adhoc = tables[-2:]
+    assert [r.label for r in fidelity.rows] == ["preset", "centre", "shape_norm", "beta", "all", "all+K15"]
+    assert fidelity.columns[:3] == ("AR_100", "AR_300", "AR_1000") and fidelity.stat("all", "AR_1000").mean == 50.0
+    assert adhoc.title == "Sweep grid (kkkkkkkkkkkk)" and adhoc.columns == ("AR_1000", "anchors_per_image")
 
 
 def test_a_failed_point_shows_its_error_not_numbers():
@@ -378,7 +389,8 @@ def test_the_page_in_a_real_browser(tmp_path):
         d.mkdir()
         (d / "curves.json").write_text(json.dumps(CURVES))
     full = FullRun(full_results().results, dirs, {})
-    written = write_report(CFG, full, [sweep_record(n) for n in SWEEPS], tmp_path / "work", ("intro",), lambda r: "#")
+    written = write_report(CFG, full, [sweep_record(s.sweep) for s in SWEEP_TABLES], tmp_path / "work", ("intro",),
+                           lambda r: "#")
     probed = tmp_path / "probed.html"
     probed.write_text(written.html.read_text().replace("</body>", PROBE + "</body>"))
     flags = [browser, "--headless", "--no-sandbox", "--disable-gpu", "--enable-logging=stderr", "--v=0",
