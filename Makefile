@@ -33,6 +33,7 @@ test-slow: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_ga_rpn.py $(if $(wildcard runs/default/summary.json),--trained runs/default)
 	$(BIN)/python benchmarks/bench_proposal_cache.py
+	$(BIN)/python benchmarks/bench_sparse_head.py $(if $(wildcard runs/default/summary.json),--trained runs/default)
 
 clean:
 	rm -rf $(VENV)

@@ -296,3 +296,37 @@ def test_seeded_losses_are_pinned(kind):
         optimizer.zero_grad()
         sum(losses.values()).backward()
         optimizer.step()
+
+
+def test_the_dense_and_the_sparse_head_path_give_the_same_outputs(monkeypatch):
+    """A level where the masked path does not pay runs dense and zeroes the dropped locations after:
+    the same outputs as the masked path (forced both ways here, half the locations kept), batch of
+    two; and the measured rule (``sparse_pays``) on the level sizes of a 256 px input."""
+    from ga_models import head as head_module
+
+    torch.manual_seed(0)
+    head = head_module.GuidedAnchorHead(32).eval()
+    x = torch.randn(2, 32, 16, 16)
+    with torch.no_grad():
+        loc = head.conv_loc(torch.relu(head.rpn_conv(x))).sigmoid()
+        threshold = float(loc.median())
+        outs = {}
+        for pays, path in ((True, "sparse"), (False, "dense")):
+            monkeypatch.setattr(head_module, "sparse_pays", lambda mask, pays=pays: pays)
+            outs[path] = head.forward_level(x, threshold)
+    sparse, dense = outs["sparse"], outs["dense"]
+    assert torch.equal(sparse.mask, dense.mask) and 0.3 < sparse.mask.float().mean() < 0.7
+    for a, b in ((sparse.cls, dense.cls), (sparse.reg, dense.reg)):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+        assert (a[~sparse.mask[:, None].expand_as(a)] == 0).all()
+    monkeypatch.undo()
+
+    def kept(size, fraction):
+        mask = torch.zeros(1, size, size, dtype=torch.bool)
+        mask.view(-1)[: round(fraction * size * size)] = True
+        return head_module.sparse_pays(mask)
+
+    assert kept(64, 0.85) and not kept(64, 0.9)  # 0.9 x 4096 - 150 = 3536 locations (86%)
+    assert kept(32, 0.7) and not kept(32, 0.8)
+    assert kept(16, 0.3) and not kept(16, 0.4)
+    assert not kept(8, 0.03)  # the fixed cost never pays on 64 locations
