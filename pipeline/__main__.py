@@ -174,7 +174,7 @@ def _run(args, cfg: PipelineConfig, plan, keys, store: ArtifactStore, workdir: P
         missing = [s.node.id for s in plan if s.node.id not in outcomes]
         print(f"pipeline: error: failed: {', '.join(o.node_id for o in outcomes.values() if o.error)}"
               + (f"; not run: {', '.join(missing)}" if missing else ""), file=sys.stderr)
-    return 0 if ok else 1
+    return 0 if ok and written is not False else 1
 
 
 def _sweep(args: argparse.Namespace) -> int:
@@ -214,6 +214,9 @@ def _run_sweep(args, sweep, cfg: PipelineConfig, trials) -> int:
     tracker = tracking.Tracker(uri, cfg.name, workdir, {"preset": args.preset, "command": command, "git_sha": tracking.git_sha()})
     ok, out_dir = run_sweep(sweep, planned, args.seeds, cfg, store, tracker, workdir, args.verbose)
     written = _publish_report(cfg, store, workdir, tracker, command)
+    if written is False:
+        tracker.set_status(tracker.parent_id, "FAILED")
+        ok = False
     print()
     print(render(table_rows(sweep, planned, args.seeds)))
     print()
@@ -230,7 +233,8 @@ def _run_sweep(args, sweep, cfg: PipelineConfig, trials) -> int:
               "the same command runs them (and only them)", file=sys.stderr)
         return 130
     failed = [f"{p.trial.point} (seed {p.trial.seed})" for p in planned if p.error]
-    print(f"pipeline: error: {len(failed)} of {len(planned)} trials failed: {', '.join(failed)}", file=sys.stderr)
+    if failed:
+        print(f"pipeline: error: {len(failed)} of {len(planned)} trials failed: {', '.join(failed)}", file=sys.stderr)
     return 1
 
 
@@ -256,7 +260,8 @@ def _report(args: argparse.Namespace) -> int:
 
 def _publish_report(cfg: PipelineConfig, store: ArtifactStore, workdir: Path, tracker, command: str):
     """The report of the work directory, logged to the invocation's run; False (and the error
-    on stderr) when it could not be written: the results it reads are left as they were."""
+    on stderr; the caller fails the run and exits 1) when it could not be written: the results it
+    reads are left as they were."""
     from pipeline.report import publish
 
     try:

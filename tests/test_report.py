@@ -408,3 +408,21 @@ def test_the_page_in_a_real_browser(tmp_path):
     pixels = imread(shot)[..., :3]
     assert pixels.std() > 0.05  # text and tables, not a blank page
     assert np.any((pixels[..., 0] > 0.6) & (pixels[..., 1] < 0.3) & (pixels[..., 2] < 0.3))  # the negative differences in red
+
+
+def test_a_report_that_cannot_be_written_fails_the_run_with_one_line(tmp_path, monkeypatch, capsys):
+    import pipeline.report
+
+    def broken(*args, **kwargs):
+        raise OSError("No space left on device")
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.setattr(pipeline.report, "write_report", broken)
+    assert main(["report", "--preset", "smoke", "--workdir", str(tmp_path)]) == 1
+    errors = [line for line in capsys.readouterr().err.splitlines() if "mlflow.store.db" not in line]
+    assert errors == ["pipeline: error: the report could not be written: OSError: No space left on device"]
+    from mlflow import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    [run] = client.search_runs([client.get_experiment_by_name("ga-smoke").experiment_id])
+    assert run.info.status == "FAILED" and not (tmp_path / "report.md").exists()
