@@ -179,6 +179,10 @@ def write_report(cfg: PipelineConfig, full: FullRun, sweeps: list[SweepRecord], 
     tables = build_tables(cfg, full, sweeps, str(workdir))
     judged = claims_mod.judge({t.anchor: t for t in tables})
     figures = build_figures(full, files_dir)
+    shown = {Path(f.file).name for f in figures if f.file}
+    for stale in files_dir.glob("*.png"):  # an earlier report's figure that is pending now
+        if stale.name not in shown:
+            stale.unlink()
     page = Page("Guided Anchoring: reproduction report", intro, judged, tables, figures)
     md, page_file = workdir / "report.md", workdir / "report.html"
     atomic_write(md, markdown(page, run_link).encode())

@@ -329,10 +329,13 @@ def test_every_image_and_link_of_the_page_resolves(tmp_path):
 
 def test_report_command_reads_what_is_there_and_logs_to_mlflow(tmp_path, monkeypatch, capsys):
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    (tmp_path / "report_files").mkdir()
+    (tmp_path / "report_files" / "examples.png").write_bytes(PNG)
     assert main(["report", "--preset", "smoke", "--workdir", str(tmp_path)]) == 0
     out = capsys.readouterr().out
     assert "pending  GA-RPN recalls more than RPN with far fewer anchors" in out and "report.html" in out
     assert "pending" in (tmp_path / "report.md").read_text() and (tmp_path / "report.html").is_file()
+    assert list((tmp_path / "report_files").iterdir()) == []  # no figure yet (an earlier one is not kept)
     assert not (tmp_path / "data").exists()  # nothing was run
     from mlflow import MlflowClient
 
