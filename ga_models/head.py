@@ -15,13 +15,14 @@ from torch import Tensor, nn
 from .layers import FeatureAdaption, MaskedConv2d
 
 # The masked (sparse) path of a level's adaption + cls/reg convs computes only the kept locations
-# but pays a fixed cost per call for gathering and scattering them. Measured on the 2-core CPU
-# (benchmarks/bench_sparse_head.py, 64 channels, 1 and 2 threads): masked ~0.75 ms + ~7 us per kept
-# location, dense ~5-8 us per location, so the masked path wins up to 85% kept on a 64x64 level,
-# 60-70% on 32x32, 30-40% on 16x16 and never on 8x8. The rule that follows: masked while
-# kept <= SPARSE_DENSE_RATIO x locations - SPARSE_OVERHEAD_LOCATIONS (86%, 75%, 31%, never).
-SPARSE_DENSE_RATIO = 0.9
-SPARSE_OVERHEAD_LOCATIONS = 150
+# but pays a fixed cost per call for gathering and scattering them, and more per location than the
+# dense path (which runs the deformable conv as one grid_sample + one matmul). Measured on the
+# 2-core CPU (benchmarks/bench_sparse_head.py, 64 channels, 1 and 2 threads): the masked path is
+# faster up to 60-70% kept on a 64x64 level, 50-70% on 32x32, 10-20% on 16x16 and never on 8x8.
+# The rule that follows: masked while kept <= SPARSE_DENSE_RATIO x locations - SPARSE_OVERHEAD_LOCATIONS
+# (67%, 58%, 21%, never).
+SPARSE_DENSE_RATIO = 0.7
+SPARSE_OVERHEAD_LOCATIONS = 125
 
 
 def sparse_pays(mask: Tensor) -> bool:
