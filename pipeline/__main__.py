@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 import time
 from pathlib import Path
@@ -126,10 +127,7 @@ def _main(args: argparse.Namespace) -> int:
         for step in plan:
             print(f"  {step.node.id:<30} {step.key[:12]}  {'RUN   ' if step.run else 'cached'}  {step.reason}"
                   + (f"  <- {', '.join(step.node.deps)}" if step.node.deps else ""))
-        _write_summary(workdir, {s.node.id: {**s.manifest.get("metrics", {}), "cached": True}
-                                 for s in plan if not s.run}
-                       | {s.node.id: {"cached": False, "will_run": True, "reason": s.reason} for s in plan if s.run})
-        return 0
+        return 0  # plan only reads: no work directory, summary or MLflow store is created or changed
     return _run(args, cfg, plan, keys, store, workdir, preset_name)
 
 
@@ -141,7 +139,7 @@ def _run(args, cfg: PipelineConfig, plan, keys, store: ArtifactStore, workdir: P
     tracking.check_reachable(uri)
     runtime.check_address()
 
-    workdir.mkdir(parents=True, exist_ok=True)
+    open_workdir(workdir)
     config_file = workdir / "config.yaml"
     atomic_write(config_file, to_yaml(cfg).encode())
     started = time.perf_counter()
@@ -209,6 +207,7 @@ def _run_sweep(args, sweep, cfg: PipelineConfig, trials) -> int:
     uri = tracking.tracking_uri(workdir)
     tracking.check_reachable(uri)
     runtime.check_address()
+    open_workdir(workdir)
     command = " ".join(["pipeline sweep", sweep.name] + [f"--grid {g}" for g in args.grid]
                        + [f"--target {t}" for t in args.target] + ([f"--seeds {args.seeds}"] if args.seeds else []))
     tracker = tracking.Tracker(uri, cfg.name, workdir, {"preset": args.preset, "command": command, "git_sha": tracking.git_sha()})
@@ -243,7 +242,7 @@ def _report(args: argparse.Namespace) -> int:
 
     cfg = resolve(args.preset, args.overrides)
     preset_name = Path(args.preset).stem
-    workdir = Path(args.workdir or Path("runs", preset_name))
+    workdir = open_workdir(Path(args.workdir or Path("runs", preset_name)))
     store = ArtifactStore(args.store or workdir)
     uri = tracking.tracking_uri(workdir)
     tracking.check_reachable(uri)
@@ -276,6 +275,20 @@ def _report_summary(written) -> str:
     from pipeline.report import summary
 
     return summary(written)
+
+
+def open_workdir(workdir: Path) -> Path:
+    """The work directory, created if missing; a UsageError naming it when it is a file or
+    cannot be created or written (before anything starts)."""
+    if workdir.exists() and not workdir.is_dir():
+        raise UsageError(f"work directory {workdir}: exists and is not a directory")
+    try:
+        workdir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UsageError(f"work directory {workdir}: cannot create it ({e.strerror or e})") from None
+    if not os.access(workdir, os.W_OK | os.X_OK):
+        raise UsageError(f"work directory {workdir}: not writable")
+    return workdir
 
 
 def _write_summary(workdir: Path, summary: dict) -> Path:

@@ -6,7 +6,10 @@ derived from the stage table (``pipeline.stage_table.STAGES``) and the config::
     proposals/* ─> train_detector/fast_rcnn_{rpn,ga_rpn} ─> eval_detector/* ──┤
     data (+ train/rpn's backbone) ─> train_detector/{faster_rcnn, ga_faster_rcnn,
                                      retinanet, ga_retinanet} ─> eval_detector/* ─┤
-    train_detector/faster_rcnn + proposals/* ─> finetune/* ─> eval_detector/* ─┴─> report
+    train_detector/faster_rcnn + proposals/* ─> finetune/* ─> eval_detector/* ─┘
+    proposals/{rpn,ga_rpn} + train/ga_rpn ─> visualize
+
+(The report is written after the DAG from what the workdir holds: ``pipeline.report``.)
 
 Cache key of a node = sha256 of (its stage and variant, its config slice as the stage record
 derives it, the stage's fingerprint of external inputs, its inputs' keys, the digest of the

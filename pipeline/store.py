@@ -48,6 +48,8 @@ class ArtifactStore:
         except (ValueError, OSError) as e:  # pyarrow's ArrowInvalid is a ValueError
             raise StoreError(f"storage root {root!r}: {e}") from None
         self.is_local = isinstance(self.fs, pafs.LocalFileSystem)
+        if self.is_local and os.path.exists(self._base) and not os.path.isdir(self._base):
+            raise StoreError(f"storage root {root}: exists and is not a directory")
         self.root = root.rstrip("/") if "://" in root else self._base
         self._local_cache = Path(local_cache or Path(tempfile.gettempdir(), "ga-pipeline-cache"))
 

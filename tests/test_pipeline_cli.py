@@ -52,6 +52,15 @@ def test_bad_input_is_a_one_line_error_and_writes_nothing(tmp_path, args, needle
     assert not workdir.exists()
 
 
+@pytest.mark.parametrize("command", [["full"], ["plan"], ["sweep", "eps_l"], ["report"]])
+def test_a_workdir_that_is_a_file_is_a_one_line_error(tmp_path, command):
+    workdir = tmp_path / "work"
+    workdir.write_text("not a directory")
+    proc = cli(*command, "--preset", "smoke", "--workdir", str(workdir))
+    assert_one_line_error(proc, str(workdir), "exists and is not a directory")
+    assert workdir.read_text() == "not a directory"
+
+
 def test_broken_preset_file(tmp_path):
     bad = tmp_path / "broken.yaml"
     bad.write_text("name: x\ntrain: {epochs: 2\n")
@@ -77,16 +86,31 @@ DETECTOR_NODES = [f"train_detector/{v}" for v in DETECTORS] + ["finetune/rpn", "
     f"eval_detector/{v}" for v in (*DETECTORS, "finetune_rpn", "finetune_ga_rpn")]
 
 
-def test_plan_lists_every_node_with_key_and_reason(tmp_path):
-    proc = cli("plan", "--preset", "smoke", "--workdir", str(tmp_path))
+def test_plan_lists_every_node_with_key_and_reason_and_writes_nothing(tmp_path):
+    workdir = tmp_path / "work"
+    proc = cli("plan", "--preset", "smoke", "--workdir", str(workdir))
     assert proc.returncode == 0, proc.stderr
     lines = [line.split() for line in proc.stdout.splitlines()[1:]]
     assert [parts[0] for parts in lines] == ["data", "train/rpn", "train/ga_rpn", "proposals/rpn", "proposals/ga_rpn",
                                              "eval_proposals/rpn", "eval_proposals/ga_rpn", *DETECTOR_NODES, "visualize"]
     assert all(len(parts[1]) == 12 and parts[2] == "RUN" and "no output yet" in " ".join(parts) for parts in lines)
-    summary = json.loads((tmp_path / "summary.json").read_text())
-    assert summary["visualize"] == {"cached": False, "will_run": True, "reason": "no output yet"}
-    assert not (tmp_path / "mlflow.db").exists()
+    assert not workdir.exists()
+
+
+def test_plan_leaves_a_finished_runs_summary_alone_and_works_read_only(tmp_path):
+    workdir = tmp_path / "work"
+    workdir.mkdir()
+    summary = workdir / "summary.json"
+    summary.write_text(json.dumps({"train/rpn": {"cached": False, "loss": 0.5}}))
+    before = summary.read_bytes()
+    workdir.chmod(0o555)
+    try:
+        proc = cli("plan", "--preset", "smoke", "--workdir", str(workdir))
+    finally:
+        workdir.chmod(0o755)
+    assert proc.returncode == 0, proc.stderr
+    assert summary.read_bytes() == before
+    assert sorted(p.name for p in workdir.iterdir()) == ["summary.json"]
 
 
 def test_help_names_the_commands():

@@ -63,6 +63,8 @@ def test_overrides_are_typed():
     ("train.use_gpu=1", "train.use_gpu: expected true/false"),
     ("train.lr_steps=5", "train.lr_steps: expected a list"),
     ("train.epochs=0", "train.epochs must be > 0"),
+    ("train.lr=.inf", "train.lr: expected a finite number, got inf"),
+    ("proposer.loc_threshold=.nan", "proposer.loc_threshold: expected a finite number, got nan"),
     ("proposer.kind=rpn", "proposer.kind: not configurable here"),
     ("data.min_size=512", "data.min_size: moved to proposer.min_size"),
     ("proposer.approx_samples=4", "proposer.approx_samples=4"),
