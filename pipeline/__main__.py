@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import logging
 import os
 import sys
@@ -133,7 +134,7 @@ def _main(args: argparse.Namespace) -> int:
 
 def _run(args, cfg: PipelineConfig, plan, keys, store: ArtifactStore, workdir: Path, preset_name: str) -> int:
     from pipeline import runtime, tracking
-    from pipeline.runner import execute, summary_json, summary_table
+    from pipeline.runner import best_effort, execute, summary_json, summary_table
 
     uri = tracking.tracking_uri(workdir)
     tracking.check_reachable(uri)
@@ -155,7 +156,8 @@ def _run(args, cfg: PipelineConfig, plan, keys, store: ArtifactStore, workdir: P
         ok = all(o.error is None for o in outcomes.values()) and len(outcomes) == len(plan)
         summary_file = _write_summary(workdir, summary_json(outcomes))
         written = _publish_report(cfg, store, workdir, tracker, f"pipeline {args.command}") if args.command == "full" else None
-        tracker.finish_parent(ok and written is not False, [summary_file])
+        best_effort("the invocation's run (status, summary)", "pipeline", functools.partial(
+            tracker.finish_parent, ok and written is not False, [summary_file]), [])
     finally:
         if owns_ray:
             import ray

@@ -10,7 +10,8 @@
   per-epoch metrics to MLflow from rank 0, a progress line every ``log_every`` steps).
   ``RunConfig(storage_path=<store>/_ray_train, name=<cache key>)``: running a node again after a
   crash resumes from the newest readable ``epoch_NNNN`` checkpoint under that directory, whether
-  or not Ray's own run snapshot was written before the crash.
+  or not Ray's own run snapshot was written before the crash. Retries are the executor's, not
+  Ray's: system failures only. Tracking is best-effort while training (``tracking.log_epoch``).
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ import torch
 from torch import nn
 
 from pipeline import logs, runtime, tracking
+from pipeline.failures import error_line, is_system_failure
 from pipeline.stage_table import Resources
 from pipeline.store import ArtifactStore
 from stages.contract import CHECKPOINT_FILE, Input, Output, StageResult, TrainContext
@@ -67,13 +69,40 @@ class RayExecutor:
 
     def train(self, loop: Callable[[TrainContext, Any], None], config: Any) -> dict:
         """Run (or resume) ``loop(ctx, config)`` on Ray Train workers; returns the state of the
-        last checkpoint. Raises ray.train's TrainingFailedError after ``max_failures`` retries."""
-        from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
-        from ray.train.torch import TorchTrainer
+        last checkpoint. A system failure (a worker process, actor or node died) is retried up to
+        ``max_failures`` times, each attempt resuming from the newest checkpoint; any other
+        failure (bad data, bad config, a non-finite loss) fails at once, since it would fail the
+        same way again. Raises ray.train's TrainingFailedError (``failures.error_line`` names
+        the root cause)."""
+        from ray.train import TrainingFailedError
 
         if self.fresh:
             self.store.clear(RAY_TRAIN_DIR, self.key)
-        trainer = TorchTrainer(
+        retries = self.resources.max_failures
+        for attempt in range(retries + 1):
+            try:
+                self._trainer(loop, config).fit()
+                break
+            except TrainingFailedError as e:
+                if attempt == retries or not is_system_failure(e):
+                    raise
+                logger.warning("[%s] %s: retrying from the newest checkpoint (retry %d of %d)",
+                               self.node_id, error_line(e), attempt + 1, retries)
+        # The newest checkpoint in the store, not ``result.checkpoint``: when every epoch was done
+        # before a crash, this run reports nothing and Ray's restored snapshot may be older.
+        state = self.newest_checkpoint()
+        if state is None:
+            raise RuntimeError(f"{self.node_id}: training finished without a checkpoint")
+        if self.tracking_uri and self.run_id:
+            tracking.backfill_epochs(self.tracking_uri, self.run_id, state["history"], self.node_id)
+        return state
+
+    def _trainer(self, loop: Callable[[TrainContext, Any], None], config: Any):
+        """The TorchTrainer of one attempt (Ray's own retries off: ``train`` decides)."""
+        from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
+        from ray.train.torch import TorchTrainer
+
+        return TorchTrainer(
             train_loop_per_worker=_train_worker,
             train_loop_config={"loop": loop, "config": config, "executor": self},
             scaling_config=ScalingConfig(num_workers=self.resources.num_workers, use_gpu=self.resources.num_gpus > 0,
@@ -82,20 +111,13 @@ class RayExecutor:
             run_config=RunConfig(
                 name=self.key,
                 storage_path=self.store.uri(RAY_TRAIN_DIR),
-                failure_config=FailureConfig(max_failures=self.resources.max_failures),
+                failure_config=FailureConfig(max_failures=0),
                 checkpoint_config=CheckpointConfig(num_to_keep=2),
                 # Ray Train's own INFO lines ("Reporting training result ..." per epoch and worker)
                 # only with --verbose.
                 logging_config=LoggingConfig(log_level="INFO" if self.verbose else "WARNING"),
             ),
         )
-        trainer.fit()
-        # The newest checkpoint in the store, not ``result.checkpoint``: when every epoch was done
-        # before a crash, this run reports nothing and Ray's restored snapshot may be older.
-        state = self.newest_checkpoint()
-        if state is None:
-            raise RuntimeError(f"{self.node_id}: training finished without a checkpoint")
-        return state
 
     def newest_checkpoint(self) -> dict | None:
         """The state of the newest ``epoch_NNNN/checkpoint.pt`` of this node's Ray Train run that
@@ -172,11 +194,11 @@ class RayTrainContext:
             ray.train.report(metrics)
             return
         ex = self.executor
-        if ex.tracking_uri and ex.run_id:
-            tracking.log_epoch(ex.tracking_uri, ex.run_id, metrics, epoch)
-        with tempfile.TemporaryDirectory() as d:
+        with tempfile.TemporaryDirectory() as d:  # the checkpoint first: tracking must not cost an epoch
             save_torch(state, Path(d, CHECKPOINT_FILE))
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d), checkpoint_dir_name=f"epoch_{epoch:04d}")
+        if ex.tracking_uri and ex.run_id:
+            tracking.log_epoch(ex.tracking_uri, ex.run_id, metrics, epoch, ex.node_id)
 
 
 def run_node(run: Callable, cfg: Any, inputs: Mapping[str, Input], stage: str, executor: RayExecutor) -> StageResult:

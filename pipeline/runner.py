@@ -5,6 +5,7 @@ each with its MLflow run, its output committed to the store with the manifest wr
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import time
 import traceback
@@ -16,6 +17,7 @@ import ray
 from pipeline.config import PipelineConfig, flatten
 from pipeline.dag import FORCED, RERUN, Step, config_slice, keyed_slice
 from pipeline.executor import RayExecutor, node_input, run_node, run_node_task
+from pipeline.failures import error_line
 from pipeline.stage_table import BY_NAME
 from pipeline.store import ArtifactStore
 from pipeline.tracking import Tracker
@@ -34,6 +36,18 @@ class Outcome:
     metrics: dict = field(default_factory=dict)
     outputs: dict = field(default_factory=dict)
     error: str | None = None
+    untracked: list[str] = field(default_factory=list)  # what MLflow did not take (the work itself is done)
+
+
+def best_effort(what: str, node_id: str, call, untracked: list[str]):
+    """``call()``, or None when the tracking store fails: a warning, and ``what`` is added to
+    ``untracked`` (the node's outcome says what is missing from MLflow). Tracking never fails work."""
+    try:
+        return call()
+    except Exception as e:
+        untracked.append(what)
+        logger.warning("[%s] MLflow: %s not logged (%s)", node_id, what, error_line(e))
+        return None
 
 
 def node_params(cfg: PipelineConfig, step: Step) -> dict:
@@ -61,10 +75,13 @@ def execute(
     for step in plan:
         if not step.run:
             manifests[step.node.id] = step.manifest
-            outcomes[step.node.id] = Outcome(step.node.id, step.node.stage.name, step.key, True, 0.0,
-                                             dict(step.manifest.get("metrics", {})), dict(step.manifest.get("outputs", {})))
+            outcome = outcomes[step.node.id] = Outcome(step.node.id, step.node.stage.name, step.key, True, 0.0,
+                                                       dict(step.manifest.get("metrics", {})),
+                                                       dict(step.manifest.get("outputs", {})))
             if tracker:
-                tracker.record_cache_hit(step.node.id, step.key, node_params(cfg, step), step.manifest)
+                best_effort("cache-hit record", step.node.id, functools.partial(
+                    tracker.record_cache_hit, step.node.id, step.key, node_params(cfg, step), step.manifest),
+                    outcome.untracked)
             logger.info("= %-30s cached (%s)", step.node.id, step.key[:12])
     pending = [s for s in plan if s.run]
     running = {}
@@ -100,7 +117,9 @@ def _run_one(cfg, step: Step, store: ArtifactStore, keys, manifests, tracker, ve
     node, stage = step.node, step.node.stage
     logger.info("> %-30s running: %s (key %s)", node.id, step.reason, step.key[:12])
     started = time.perf_counter()
-    run_id = tracker.start_node(node.id, step.key, node_params(cfg, step)) if tracker else None
+    untracked: list[str] = []
+    run_id = best_effort("node run", node.id, functools.partial(tracker.start_node, node.id, step.key, node_params(cfg, step)),
+                         untracked) if tracker else None
     try:
         resources = stage.resources(cfg)
         executor = RayExecutor(node.id, step.key, resources, store, log_every=cfg.train.log_every,
@@ -119,24 +138,20 @@ def _run_one(cfg, step: Step, store: ArtifactStore, keys, manifests, tracker, ve
             "config": keyed_slice(cfg, node), "inputs": {d: keys[d] for d in node.deps},
             "run_id": run_id, "seconds": seconds,
         })
-        if tracker:
-            final = {k: v for k, v in result.metrics.items() if k not in result.logged}
-            tracker.finish_node(run_id, final, [store.local_dir(stage.name, step.key) / a for a in result.artifacts])
     except Exception as e:  # reported per node; the CLI exits non-zero
         seconds = time.perf_counter() - started
         message = error_line(e)
         logger.error("! %-30s FAILED after %.1fs: %s\n%s", node.id, seconds, message, traceback.format_exc())
-        if tracker:
-            tracker.finish_node(run_id, {}, ok=False)
-        return Outcome(node.id, stage.name, step.key, False, seconds, error=message), None
+        if tracker and run_id:
+            best_effort("failed status", node.id, functools.partial(tracker.finish_node, run_id, {}, ok=False), untracked)
+        return Outcome(node.id, stage.name, step.key, False, seconds, error=message, untracked=untracked), None
+    if tracker and run_id:  # after the commit: the node is complete whatever MLflow does
+        final = {k: v for k, v in result.metrics.items() if k not in result.logged}
+        best_effort("final metrics and artifacts", node.id, lambda: tracker.finish_node(
+            run_id, final, [store.local_dir(stage.name, step.key) / a for a in result.artifacts]), untracked)
     logger.info("< %-30s done in %s", node.id, _duration(seconds))
-    return Outcome(node.id, stage.name, step.key, False, seconds, dict(result.metrics), dict(result.outputs)), manifest
-
-
-def error_line(error: BaseException) -> str:
-    """``"Type: message"`` of the root error (a Ray task's own exception, not Ray's wrapper), first line."""
-    cause = error.cause if isinstance(error, ray.exceptions.RayTaskError) and error.cause is not None else error
-    return f"{type(cause).__name__}: {cause}".splitlines()[0]
+    return Outcome(node.id, stage.name, step.key, False, seconds, dict(result.metrics), dict(result.outputs),
+                   untracked=untracked), manifest
 
 
 def summary_table(outcomes: dict[str, Outcome]) -> str:
@@ -144,8 +159,9 @@ def summary_table(outcomes: dict[str, Outcome]) -> str:
     for o in outcomes.values():
         keys = BY_NAME[o.stage].key_metrics
         shown = ", ".join(f"{k}={_fmt(o.metrics[k])}" for k in keys if k in o.metrics)
+        note = f"  (MLflow missed: {', '.join(o.untracked)})" if o.untracked else ""
         rows.append((o.node_id, "yes" if o.cached else "no", "-" if o.cached else _duration(o.seconds),
-                     f"FAILED: {o.error}" if o.error else shown))
+                     (f"FAILED: {o.error}" if o.error else shown) + note))
     widths = [max(len(r[i]) for r in rows) for i in range(3)]
     lines = [f"{r[0]:<{widths[0]}}  {r[1]:<{widths[1]}}  {r[2]:>{widths[2]}}  {r[3]}" for r in rows]
     lines.insert(1, "-" * max(len(line) for line in lines))
@@ -159,6 +175,8 @@ def summary_json(outcomes: dict[str, Outcome]) -> dict:
         entry["cached"] = o.cached
         if o.error:
             entry["error"] = o.error
+        if o.untracked:
+            entry["not_logged_to_mlflow"] = list(o.untracked)
         out[o.node_id] = entry
     return out
 

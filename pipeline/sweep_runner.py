@@ -31,7 +31,8 @@ from ray import tune
 from pipeline import logs, runtime
 from pipeline.config import ConfigError, PipelineConfig, flatten, to_dict, to_yaml
 from pipeline.dag import build_dag, cache_keys, digest, make_plan, stage_code_digests
-from pipeline.runner import error_line, execute
+from pipeline.failures import error_line
+from pipeline.runner import execute
 from pipeline.store import ArtifactStore
 from pipeline.sweep_table import (
     CACHED,

@@ -11,16 +11,30 @@ workers, so no fluent "active run" state is used).
 from __future__ import annotations
 
 import fcntl
+import http.client
+import logging
 import math
 import os
 import socket
 import subprocess
 import time
-from collections.abc import Iterable, Mapping
+import urllib.error
+import urllib.request
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from urllib.parse import urlparse
 
 ENV = "MLFLOW_TRACKING_URI"
+logger = logging.getLogger(__name__)
+_WARNED: set[str] = set()  # runs whose per-epoch logging failed once (warned) in this process
+
+# Every MLflow HTTP request is bounded: MLflow's defaults (120 s timeout, 7 retries with doubling
+# backoff) keep a run silent for 20 minutes on a server that accepts but never answers. These
+# bound one request to about a minute; the user's own settings win.
+HTTP_LIMITS = {"MLFLOW_HTTP_REQUEST_TIMEOUT": "15", "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "3",
+               "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1"}
+for _name, _value in HTTP_LIMITS.items():
+    os.environ.setdefault(_name, _value)
 _MAX_PARAM = 500  # characters kept of one param value
 _MAX_TAG = 5000  # characters kept of one tag value
 
@@ -34,9 +48,10 @@ def tracking_uri(workdir: str | os.PathLike) -> str:
     return env if env else f"sqlite:///{Path(workdir).resolve() / 'mlflow.db'}"
 
 
-def check_reachable(uri: str, timeout: float = 3.0) -> None:
-    """Fail fast (TrackingError) when an HTTP(S) tracking server does not accept connections;
-    local stores are created on first use."""
+def check_reachable(uri: str, timeout: float = 5.0) -> None:
+    """Fail fast (TrackingError naming the URI) when an HTTP(S) tracking server does not accept
+    connections or does not answer its health check within ``timeout`` seconds (a server that
+    accepts but never answers would otherwise hang the run); local stores are created on first use."""
     parsed = urlparse(uri)
     if parsed.scheme in ("http", "https"):
         port = parsed.port or (443 if parsed.scheme == "https" else 80)
@@ -45,6 +60,15 @@ def check_reachable(uri: str, timeout: float = 3.0) -> None:
                 pass
         except OSError as e:
             raise TrackingError(f"MLflow tracking URI {uri} is unreachable ({e.strerror or e})") from None
+        try:
+            with urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=timeout) as response:
+                response.read(64)
+        except urllib.error.HTTPError as e:  # it answered: a proxy or an older server without /health
+            logger.debug("MLflow %s/health answered HTTP %s", uri, e.code)
+        except (OSError, http.client.HTTPException) as e:
+            reason = getattr(e, "reason", None) or e
+            raise TrackingError(f"MLflow tracking URI {uri} accepts connections but does not answer "
+                                f"(health check: {reason}, {timeout:g} s limit)") from None
     elif parsed.scheme not in ("sqlite", "postgresql", "mysql", "mssql", "file", "databricks", ""):
         raise TrackingError(f"MLflow tracking URI {uri}: unsupported scheme {parsed.scheme!r}")
 
@@ -109,9 +133,39 @@ def client(uri: str):
             fcntl.flock(lock, fcntl.LOCK_UN)
 
 
-def log_epoch(uri: str, run_id: str, metrics: Mapping[str, float], epoch: int) -> None:
-    """Per-epoch metrics of a training node (called from the rank-0 Ray Train worker)."""
-    client(uri).log_batch(run_id, metrics=_metrics(metrics, step=epoch))
+def log_epoch(uri: str, run_id: str, metrics: Mapping[str, float], epoch: int, node_id: str) -> None:
+    """Per-epoch metrics of a training node (called from the rank-0 Ray Train worker), best
+    effort: when the tracking store fails, one warning per run and training goes on; the epochs
+    are in the checkpoints' history, and ``backfill_epochs`` sends them when the node finishes."""
+    try:
+        client(uri).log_batch(run_id, metrics=_metrics(metrics, step=epoch))
+    except Exception as e:  # an outage of the tracking store must not cost the training
+        if run_id not in _WARNED:
+            _WARNED.add(run_id)
+            logger.warning("[%s] MLflow at %s did not take epoch %d's metrics (%s: %s); training goes on, the "
+                           "metrics are sent when the node finishes", node_id, uri, epoch, type(e).__name__,
+                           str(e).splitlines()[0] if str(e) else "")
+
+
+def backfill_epochs(uri: str, run_id: str, history: Sequence[Mapping[str, float]], node_id: str) -> int:
+    """Log the epochs of ``history`` (``{"epoch": n, metric: value, ...}`` per epoch) that the run
+    does not have yet (``log_epoch`` failed for them); returns how many epochs were missing. When
+    the store still fails, a warning says what was not logged (it stays in the node's history)."""
+    missing: list[Mapping[str, float]] = []
+    try:
+        c = client(uri)
+        logged = {m.step for m in c.get_metric_history(run_id, "loss")}
+        missing = [h for h in history if int(h["epoch"]) not in logged]
+        metrics = [m for h in missing for m in _metrics({k: v for k, v in h.items() if k != "epoch"}, step=int(h["epoch"]))]
+        for i in range(0, len(metrics), 1000):  # MLflow's per-request limit
+            c.log_batch(run_id, metrics=metrics[i:i + 1000])
+    except Exception as e:
+        logger.warning("[%s] MLflow at %s: %s epochs' metrics are not logged (%s: %s); they are in the node's history",
+                       node_id, uri, len(missing) or "the", type(e).__name__, str(e).splitlines()[0] if str(e) else "")
+        return len(missing)
+    if missing:
+        logger.info("[%s] sent the metrics of %d epochs that MLflow missed during training", node_id, len(missing))
+    return len(missing)
 
 
 class Tracker:

@@ -1,0 +1,167 @@
+"""Failures as users meet them (issue 12): the root cause behind Ray's wrappers in one clean line,
+deterministic training failures not retried, system failures retried from the newest checkpoint,
+and a tracking store that fails or hangs never costing work or hanging the run."""
+
+import logging
+import socket
+import threading
+import time
+
+import pytest
+import ray.exceptions
+from ray.train import WorkerGroupError
+from ray.train.v2.api.exceptions import ControllerError
+
+from pipeline import tracking
+from pipeline.executor import RayExecutor
+from pipeline.failures import error_line, is_system_failure
+from pipeline.runner import Outcome, best_effort, summary_json, summary_table
+from pipeline.stage_table import Resources
+from pipeline.store import ArtifactStore
+from stages.io import save_torch
+
+ANSI_MESSAGE = "\x1b[31mOSError: image file is truncated (3 bytes not processed): /data/img_7.png\x1b[0m\nmore"
+
+
+def died() -> ray.exceptions.ActorDiedError:
+    return ray.exceptions.ActorDiedError()
+
+
+def test_error_line_is_the_root_cause_without_wrappers_or_colour():
+    group = WorkerGroupError("worker 0 failed", {1: RuntimeError("gloo: Connection closed by peer"),
+                                                 0: OSError(ANSI_MESSAGE)})
+    assert str(group).startswith("Training failed due to worker errors")
+    assert error_line(group) == "OSError: OSError: image file is truncated (3 bytes not processed): /data/img_7.png"
+    assert error_line(ControllerError(ValueError("bad config"))) == "ValueError: bad config"
+    assert error_line(FloatingPointError("non-finite loss at epoch 2 step 3")) == "FloatingPointError: non-finite loss at epoch 2 step 3"
+    assert error_line(KeyError()) == "KeyError"
+
+
+def test_system_failures_are_told_from_deterministic_ones():
+    assert is_system_failure(WorkerGroupError("x", {0: died(), 1: RuntimeError("gloo: Connection reset by peer")}))
+    assert error_line(WorkerGroupError("x", {1: RuntimeError("gloo: Connection reset by peer"), 0: died()})).startswith(
+        "ActorDiedError")  # the death is the cause, not the peer's broken collective
+    assert not is_system_failure(WorkerGroupError("x", {0: ValueError("annotations.json: image 3 has no file")}))
+    assert not is_system_failure(FloatingPointError("non-finite loss"))
+
+
+class FakeTrainer:
+    def __init__(self, errors: list):
+        self.errors = errors
+
+    def fit(self):
+        if self.errors:
+            raise self.errors.pop(0)
+
+
+@pytest.mark.parametrize("errors, max_failures, attempts, fails", [
+    ([WorkerGroupError("x", {0: ValueError("bad image")})], 3, 1, True),  # deterministic: once
+    ([WorkerGroupError("x", {0: FloatingPointError("non-finite loss")})], 3, 1, True),
+    ([WorkerGroupError("x", {0: died()}), WorkerGroupError("x", {1: died()})], 3, 3, False),  # retried, then done
+    ([WorkerGroupError("x", {0: died()})] * 3, 2, 3, True),  # out of retries
+    ([WorkerGroupError("x", {0: died()})], 0, 1, True),
+])
+def test_training_retries_system_failures_only(tmp_path, monkeypatch, errors, max_failures, attempts, fails):
+    store = ArtifactStore(tmp_path)
+    save_torch({"epoch": 2, "history": []}, tmp_path / "_ray_train" / "key" / "epoch_0002" / "checkpoint.pt")
+    executor = RayExecutor("train/x", "key", Resources("driver", max_failures=max_failures), store)
+    made = []
+    pending = list(errors)
+    monkeypatch.setattr(RayExecutor, "_trainer", lambda self, loop, config: made.append(1) or FakeTrainer(pending))
+    if fails:
+        with pytest.raises(WorkerGroupError):
+            executor.train(None, None)
+    else:
+        assert executor.train(None, None)["epoch"] == 2  # resumed state: the newest checkpoint
+    assert len(made) == attempts
+
+
+def test_untracked_work_is_said_in_the_summary(caplog):
+    untracked = []
+
+    def down():
+        raise ConnectionError("MLflow at http://127.0.0.1:1 refused the connection")
+
+    assert best_effort("final metrics and artifacts", "train/rpn", down, untracked) is None
+    assert best_effort("x", "train/rpn", lambda: 7, untracked) == 7
+    assert untracked == ["final metrics and artifacts"]
+    outcome = Outcome("train/rpn", "train", "k" * 20, False, 3.0, {"loss": 0.5}, untracked=untracked)
+    assert summary_json({"train/rpn": outcome})["train/rpn"]["not_logged_to_mlflow"] == ["final metrics and artifacts"]
+    assert "MLflow missed: final metrics and artifacts" in summary_table({"train/rpn": outcome})
+
+
+def test_epoch_logging_is_best_effort_and_backfilled(tmp_path, monkeypatch, caplog):
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    caplog.set_level(logging.WARNING)
+    log = logging.getLogger("pipeline.tracking")
+    log.addHandler(caplog.handler)
+    try:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            down = f"http://127.0.0.1:{s.getsockname()[1]}"
+        for epoch in (1, 2):
+            tracking.log_epoch(down, "run-down", {"loss": 1.0}, epoch, "train/rpn")  # does not raise
+        warned = {r.getMessage() for r in caplog.records if "did not take epoch" in r.getMessage()}
+        assert len(warned) == 1 and "epoch 1's" in warned.pop()  # once per run (the handler may see it twice)
+
+        uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+        c = tracking.client(uri)
+        run_id = c.create_run(c.create_experiment("x")).info.run_id
+        tracking.log_epoch(uri, run_id, {"loss": 3.0, "lr": 0.1}, 1, "train/rpn")
+        history = [{"epoch": 1.0, "loss": 3.0, "lr": 0.1}, {"epoch": 2.0, "loss": 2.0, "lr": 0.1},
+                   {"epoch": 3.0, "loss": 1.0, "lr": 0.01}]
+        assert tracking.backfill_epochs(uri, run_id, history, "train/rpn") == 2
+        assert [(m.step, m.value) for m in c.get_metric_history(run_id, "loss")] == [(1, 3.0), (2, 2.0), (3, 1.0)]
+        assert tracking.backfill_epochs(uri, run_id, history, "train/rpn") == 0  # nothing twice
+        assert tracking.backfill_epochs(down, "run-down", history, "train/rpn") == 0
+        assert "epochs' metrics are not logged" in caplog.text
+    finally:
+        log.removeHandler(caplog.handler)
+
+
+def test_a_tracking_server_that_accepts_but_never_answers_fails_fast():
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(8)
+    accepted = []
+    stop = threading.Event()
+
+    def accept_and_stay_mute():
+        listener.settimeout(0.2)
+        while not stop.is_set():
+            try:
+                accepted.append(listener.accept()[0])
+            except OSError:
+                continue
+
+    thread = threading.Thread(target=accept_and_stay_mute, daemon=True)
+    thread.start()
+    uri = f"http://127.0.0.1:{listener.getsockname()[1]}"
+    started = time.monotonic()
+    try:
+        with pytest.raises(tracking.TrackingError, match=f"{uri} accepts connections but does not answer"):
+            tracking.check_reachable(uri, timeout=1.0)
+    finally:
+        stop.set()
+        thread.join()
+        for conn in accepted:
+            conn.close()
+        listener.close()
+    assert time.monotonic() - started < 10
+
+
+def test_mlflow_http_requests_are_bounded_unless_the_user_says_otherwise():
+    import json
+    import os
+    import subprocess
+    import sys
+
+    names = sorted(tracking.HTTP_LIMITS)
+    code = f"import json, os, pipeline.tracking; print(json.dumps([os.environ[n] for n in {names!r}]))"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_HTTP_REQUEST")}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
+    limits = dict(zip(names, json.loads(out)))
+    assert int(limits["MLFLOW_HTTP_REQUEST_TIMEOUT"]) * (1 + int(limits["MLFLOW_HTTP_REQUEST_MAX_RETRIES"])) <= 90
+    env["MLFLOW_HTTP_REQUEST_TIMEOUT"] = "300"
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
+    assert dict(zip(names, json.loads(out)))["MLFLOW_HTTP_REQUEST_TIMEOUT"] == "300"
