@@ -14,8 +14,8 @@ from pathlib import Path
 from pipeline import logs
 from pipeline.config import VARIANTS, ConfigError, PipelineConfig, flatten, resolve, to_dict, to_yaml
 from pipeline.dag import Node, build_dag, cache_keys, make_plan
-from pipeline.runtime import RayAddressError
-from pipeline.stage_table import STAGE_NAMES
+from pipeline.runtime import RayAddressError, ResourceError
+from pipeline.stage_table import STAGE_NAMES, demands
 from pipeline.store import ArtifactStore, StoreError
 from pipeline.tracking import TrackingError
 from stages.coco import DatasetError
@@ -96,7 +96,8 @@ def main(argv: list[str] | None = None) -> int:
     logs.configure(args.verbose)
     try:
         return _main(args)
-    except (ConfigError, UsageError, StoreError, TrackingError, RayAddressError, DatasetError, FileNotFoundError) as e:
+    except (ConfigError, UsageError, StoreError, TrackingError, RayAddressError, ResourceError, DatasetError,
+            FileNotFoundError) as e:
         print(f"pipeline: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
@@ -148,6 +149,8 @@ def _run(args, cfg: PipelineConfig, plan, keys, store: ArtifactStore, workdir: P
     try:
         if owns_ray:
             print(runtime.cluster_summary(), flush=True)
+        if any(step.run for step in plan):
+            runtime.check_resources(demands(cfg, [step.node.id for step in plan if step.run]))
         tracker = tracking.Tracker(uri, cfg.name, workdir, {
             "preset": args.preset, "command": " ".join(["pipeline", args.command] + ([args.stage] if getattr(args, "stage", None) else [])),
             "git_sha": tracking.git_sha(), "variant": args.variant})

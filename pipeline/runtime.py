@@ -3,13 +3,17 @@ set; and the one place that decides which torch device a Ray worker uses."""
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
+import time
+from collections.abc import Mapping
 from urllib.parse import urlparse
 
 import torch
 
 ENV = "RAY_ADDRESS"
+logger = logging.getLogger(__name__)
 
 
 class RayAddressError(RuntimeError):
@@ -50,6 +54,51 @@ def init_ray() -> bool:
     else:
         ray.init(log_to_driver=True)
     return True
+
+
+class ResourceError(RuntimeError):
+    """A node asks for more than the Ray cluster has; the message says what was asked and what exists."""
+
+
+# How long a run joining a cluster (RAY_ADDRESS) waits for an autoscaler to add what a node asks
+# for before failing; a local Ray never grows, so it fails at once.
+WAIT_ENV = "PIPELINE_RESOURCE_WAIT_S"
+CLUSTER_WAIT_S = 120.0
+
+
+def unsatisfiable(demands: Mapping[str, tuple[int, Mapping[str, float], str]], nodes: list[Mapping[str, float]]) -> str | None:
+    """The first demand the machines cannot hold even when idle, as one line, or None.
+
+    demands: ``{node id: (count, bundle, settings)}``: ``count`` workers or tasks that must run at
+    once, each needing ``bundle`` (``{"CPU": 1, "GPU": 1}``) on one machine; ``settings`` names
+    the config fields behind it. nodes: each alive machine's total resources."""
+    for node_id, (count, bundle, settings) in demands.items():
+        fits = sum(min((int(node.get(k, 0) // v) for k, v in bundle.items() if v > 0), default=count) for node in nodes)
+        if fits < count:
+            total = {k: sum(node.get(k, 0) for node in nodes) for k in ("CPU", "GPU")}
+            asked = ", ".join(f"{v:g} {k}" for k, v in bundle.items()) or "nothing"
+            return (f"{node_id} needs {count} worker(s) of {asked} each at once ({settings}), but the Ray cluster has "
+                    f"{total['CPU']:g} CPU and {total['GPU']:g} GPU on {len(nodes)} machine(s): room for {fits}")
+    return None
+
+
+def check_resources(demands: Mapping[str, tuple[int, Mapping[str, float], str]], wait_s: float | None = None) -> None:
+    """Raise ResourceError (one line: what was asked, what exists) unless every demand fits the
+    Ray cluster this process is connected to; when it joined a cluster (``RAY_ADDRESS``), wait up
+    to ``wait_s`` (default ``$PIPELINE_RESOURCE_WAIT_S`` or 120 s) for an autoscaler first."""
+    import ray
+
+    if wait_s is None:
+        wait_s = float(os.environ.get(WAIT_ENV, CLUSTER_WAIT_S if os.environ.get(ENV) else 0))
+    deadline = time.monotonic() + wait_s
+    while True:
+        problem = unsatisfiable(demands, [n["Resources"] for n in ray.nodes() if n.get("Alive")])
+        if problem is None:
+            return
+        if time.monotonic() >= deadline:
+            raise ResourceError(problem)
+        logger.warning("%s; waiting up to %.0f s for the cluster to grow", problem, deadline - time.monotonic())
+        time.sleep(min(10.0, max(deadline - time.monotonic(), 0.1)))
 
 
 def cluster_summary() -> str:

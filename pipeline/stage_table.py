@@ -18,7 +18,7 @@ A record says:
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from types import ModuleType
 from typing import Any, Literal
@@ -49,6 +49,13 @@ class Resources:
     num_gpus: float = 0
     num_workers: int = 1
     max_failures: int = 0
+    settings: str = ""  # the config fields that set these, for messages ("train.num_workers=2, ...")
+
+    def demand(self) -> tuple[int, dict[str, float]]:
+        """``(count, bundle)``: how many Ray workers or tasks of this node must run at once, and
+        the resources each needs on one machine."""
+        bundle = {"CPU": float(self.num_cpus), "GPU": float(self.num_gpus)}
+        return self.num_workers, {k: v for k, v in bundle.items() if v > 0}
 
     def task_options(self) -> dict:
         """Ray task options of one task of this node. "DEFAULT" scheduling: a node run inside a
@@ -108,13 +115,16 @@ def _eval_detector_deps(cfg: PipelineConfig, variant: str) -> tuple[str, ...]:
     return (model, "data") + ((f"proposals/{source}",) if source else ())
 
 
-def _training(t: TrainConfig) -> Resources:
+def _training(t: TrainConfig, section: str) -> Resources:
     return Resources("driver", num_cpus=t.cpus_per_worker, num_gpus=1 if t.use_gpu else 0, num_workers=t.num_workers,
-                     max_failures=t.max_failures)
+                     max_failures=t.max_failures, settings=f"{section}.num_workers={t.num_workers}, "
+                     f"{section}.cpus_per_worker={t.cpus_per_worker:g}, {section}.use_gpu={str(t.use_gpu).lower()}")
 
 
 def _inference(cfg: PipelineConfig) -> Resources:
-    return Resources("driver", num_cpus=cfg.proposals.cpus_per_task, num_gpus=_gpus(cfg))
+    return Resources("driver", num_cpus=cfg.proposals.cpus_per_task, num_gpus=_gpus(cfg),
+                     settings=f"proposals.cpus_per_task={cfg.proposals.cpus_per_task:g}, "
+                     f"train.use_gpu={str(cfg.train.use_gpu).lower()}")
 
 
 STAGES: tuple[Stage, ...] = (
@@ -128,7 +138,7 @@ STAGES: tuple[Stage, ...] = (
         "train", train_proposer, variants=_proposers, deps=lambda cfg, v: ("data",), trains_weights=True,
         config=lambda cfg, v: train_proposer.TrainProposerConfig(cfg.proposer_for(v), cfg.train),
         key_metrics=("loss", "train_seconds"),
-        resources=lambda cfg: _training(cfg.train),
+        resources=lambda cfg: _training(cfg.train, "train"),
     ),
     Stage(
         "proposals", proposals, variants=_proposers, deps=lambda cfg, v: ("train/{variant}", "data"),
@@ -145,14 +155,14 @@ STAGES: tuple[Stage, ...] = (
         "train_detector", train_detector, variants=lambda cfg: cfg.detector.variants, deps=_detector_deps, trains_weights=True,
         config=lambda cfg, v: train_detector.TrainDetectorConfig(cfg.detector_for(v), cfg.detector.train),
         key_metrics=("loss", "train_seconds"),
-        resources=lambda cfg: _training(cfg.detector.train),
+        resources=lambda cfg: _training(cfg.detector.train, "detector.train"),
     ),
     Stage(
         "finetune", finetune, variants=lambda cfg: cfg.detector.finetune, trains_weights=True,
         deps=lambda cfg, v: _detector_deps(cfg, f"finetune_{v}"),
         config=lambda cfg, v: train_detector.TrainDetectorConfig(cfg.detector_for(f"finetune_{v}"), cfg.detector.finetune_schedule()),
         key_metrics=("loss", "train_seconds"),
-        resources=lambda cfg: _training(cfg.detector.train),
+        resources=lambda cfg: _training(cfg.detector.train, "detector.train"),
     ),
     Stage(
         "eval_detector", eval_detector, variants=_evaluated_detectors,
@@ -170,3 +180,13 @@ STAGES: tuple[Stage, ...] = (
 )
 STAGE_NAMES: tuple[str, ...] = tuple(s.name for s in STAGES)
 BY_NAME: dict[str, Stage] = {s.name: s for s in STAGES}
+
+
+def demands(cfg: PipelineConfig, node_ids: Iterable[str]) -> dict[str, tuple[int, dict[str, float], str]]:
+    """``{node id: (count, bundle, settings)}`` of the nodes (``Resources.demand`` and the config
+    fields behind it), for ``runtime.check_resources``."""
+    out = {}
+    for node_id in node_ids:
+        resources = BY_NAME[node_id.split("/")[0]].resources(cfg)
+        out[node_id] = (*resources.demand(), resources.settings)
+    return out

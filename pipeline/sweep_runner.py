@@ -33,6 +33,7 @@ from pipeline.config import ConfigError, PipelineConfig, flatten, to_dict, to_ya
 from pipeline.dag import build_dag, cache_keys, digest, make_plan, stage_code_digests
 from pipeline.failures import error_line
 from pipeline.runner import execute
+from pipeline.stage_table import demands
 from pipeline.store import ArtifactStore
 from pipeline.sweep_table import (
     CACHED,
@@ -98,6 +99,17 @@ def _varied_evaluations(base_cfg: PipelineConfig, keys: list[dict[str, str]], co
     every = [base, *keys]
     nodes = {n for k in every for n in k if n.split("/")[0] in TARGET_METRICS}
     return {n for n in nodes if len({k.get(n) for k in every}) > 1}
+
+
+def _check_resources(pending: Sequence[PlannedTrial], base_cfg: PipelineConfig) -> None:
+    """Every pending trial's nodes, and one trial's driver, fit the Ray cluster (else ResourceError)."""
+    needs = {}
+    for p in pending:
+        for node_id, demand in demands(p.cfg, build_dag(p.cfg)).items():
+            needs.setdefault(node_id, demand)
+    trial = {k: v for k, v in base_cfg.sweep.trial_resources().items() if k != "memory"}
+    needs["a sweep trial's driver"] = (1, trial, f"sweep.trial_cpus={trial['CPU']:g}, sweep.trial_gpus={trial['GPU']:g}")
+    runtime.check_resources(needs)
 
 
 def sweep_key(name: str, planned: Sequence[PlannedTrial], seeds: int | None) -> str:
@@ -187,6 +199,7 @@ def run_sweep(sweep: Sweep, planned: list[PlannedTrial], seeds: int | None, base
         try:
             if owns_ray:
                 logger.info("%s", runtime.cluster_summary())
+            _check_resources(pending, base_cfg)
             runnable = _run_shared_nodes(pending, store, tracker, verbose)
             if runnable:
                 _tune(sweep, runnable, planned, store, tracker, workdir, verbose)

@@ -165,3 +165,41 @@ def test_mlflow_http_requests_are_bounded_unless_the_user_says_otherwise():
     env["MLFLOW_HTTP_REQUEST_TIMEOUT"] = "300"
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
     assert dict(zip(names, json.loads(out)))["MLFLOW_HTTP_REQUEST_TIMEOUT"] == "300"
+
+
+def test_a_request_the_cluster_cannot_hold_is_named_with_what_exists():
+    from pipeline.config import resolve
+    from pipeline.runtime import unsatisfiable
+    from pipeline.stage_table import demands
+
+    one_machine = [{"CPU": 2.0, "memory": 1e9}]
+    cfg = resolve("default", ["train.num_workers=3"])
+    problem = unsatisfiable(demands(cfg, ["data", "train/rpn"]), one_machine)
+    assert problem == ("train/rpn needs 3 worker(s) of 1 CPU each at once (train.num_workers=3, "
+                       "train.cpus_per_worker=1, train.use_gpu=false), but the Ray cluster has 2 CPU and 0 GPU on "
+                       "1 machine(s): room for 2")
+    cfg = resolve("default", ["train.use_gpu=true"])
+    assert "1 CPU, 1 GPU each" in unsatisfiable(demands(cfg, ["train/ga_rpn"]), one_machine)
+    assert "proposals.cpus_per_task=1, train.use_gpu=true" in unsatisfiable(demands(cfg, ["proposals/rpn"]), one_machine)
+    assert unsatisfiable(demands(resolve("default", []), ["data", "train/rpn", "proposals/rpn"]), one_machine) is None
+    # two machines of 1 CPU hold 2 one-CPU workers, not one two-CPU worker
+    two = [{"CPU": 1.0}, {"CPU": 1.0}]
+    assert unsatisfiable(demands(resolve("default", ["train.num_workers=2"]), ["train/rpn"]), two) is None
+    assert "room for 0" in unsatisfiable(demands(resolve("default", ["train.cpus_per_worker=2"]), ["train/rpn"]), two)
+
+
+def test_check_resources_fails_at_once_on_a_local_ray_and_waits_a_bounded_time_on_a_cluster(ray_session, monkeypatch):
+    from pipeline.runtime import ResourceError, check_resources
+
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.delenv("PIPELINE_RESOURCE_WAIT_S", raising=False)
+    too_big = {"train/rpn": (1, {"CPU": 1.0, "GPU": 1.0}, "train.use_gpu=true")}
+    started = time.monotonic()
+    with pytest.raises(ResourceError, match="train/rpn needs 1 worker"):
+        check_resources(too_big)
+    assert time.monotonic() - started < 5
+    started = time.monotonic()
+    with pytest.raises(ResourceError):
+        check_resources(too_big, wait_s=1.5)
+    assert 1.5 <= time.monotonic() - started < 10
+    check_resources({"train/rpn": (2, {"CPU": 1.0}, "")})  # the session's 2 CPUs hold it

@@ -118,3 +118,13 @@ def test_help_names_the_commands():
     assert proc.returncode == 0
     for word in ("full", "run STAGE", "plan", "data"):
         assert word in proc.stdout
+
+
+def test_a_training_the_machine_cannot_hold_fails_at_once_with_one_line(tmp_path):
+    """Ray would otherwise wait forever, printing a scheduling warning every minute."""
+    proc = cli("full", "--preset", "smoke", "--workdir", str(tmp_path / "work"), "--set", "train.num_workers=64")
+    assert proc.returncode == 2, proc.stderr
+    last = proc.stderr.strip().splitlines()[-1]  # after Ray's own start-up lines
+    assert last.startswith("pipeline: error: train/rpn needs 64 worker(s)"), proc.stderr
+    assert "train.num_workers=64" in last and "room for" in last
+    assert not list((tmp_path / "work").glob("data/*/manifest.json"))  # nothing ran
