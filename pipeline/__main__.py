@@ -7,13 +7,16 @@ import argparse
 import functools
 import logging
 import os
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
 
-from pipeline import logs
+from pipeline import lock, logs
 from pipeline.config import VARIANTS, ConfigError, PipelineConfig, flatten, resolve, to_dict, to_yaml
 from pipeline.dag import Node, build_dag, cache_keys, make_plan
+from pipeline.lock import WorkdirBusy
 from pipeline.runtime import RayAddressError, ResourceError
 from pipeline.stage_table import STAGE_NAMES, demands
 from pipeline.store import ArtifactStore, StoreError
@@ -91,13 +94,19 @@ def select(dag: dict[str, Node], names: list[str], what: str) -> set[str]:
     return out
 
 
+def _terminated(signum, frame):
+    raise KeyboardInterrupt  # SIGTERM (a scheduler, `kill`) ends a run as Ctrl-C does: its runs marked KILLED
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logs.configure(args.verbose)
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _terminated)
     try:
         return _main(args)
-    except (ConfigError, UsageError, StoreError, TrackingError, RayAddressError, ResourceError, DatasetError,
-            FileNotFoundError) as e:
+    except (ConfigError, UsageError, StoreError, TrackingError, RayAddressError, ResourceError, WorkdirBusy,
+            DatasetError, FileNotFoundError) as e:
         print(f"pipeline: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
@@ -135,13 +144,20 @@ def _main(args: argparse.Namespace) -> int:
 
 def _run(args, cfg: PipelineConfig, plan, keys, store: ArtifactStore, workdir: Path, preset_name: str) -> int:
     from pipeline import runtime, tracking
-    from pipeline.runner import best_effort, execute, summary_json, summary_table
 
     uri = tracking.tracking_uri(workdir)
     tracking.check_reachable(uri)
     runtime.check_address()
 
-    open_workdir(workdir)
+    with lock.hold(open_workdir(workdir), f"pipeline {args.command} --preset {args.preset}"):
+        return _run_locked(args, cfg, plan, keys, store, workdir, preset_name, uri)
+
+
+def _run_locked(args, cfg: PipelineConfig, plan, keys, store: ArtifactStore, workdir: Path, preset_name: str,
+                uri: str) -> int:
+    from pipeline import runtime, tracking
+    from pipeline.runner import best_effort, execute, summary_json, summary_table
+
     config_file = workdir / "config.yaml"
     atomic_write(config_file, to_yaml(cfg).encode())
     started = time.perf_counter()
@@ -154,8 +170,13 @@ def _run(args, cfg: PipelineConfig, plan, keys, store: ArtifactStore, workdir: P
         tracker = tracking.Tracker(uri, cfg.name, workdir, {
             "preset": args.preset, "command": " ".join(["pipeline", args.command] + ([args.stage] if getattr(args, "stage", None) else [])),
             "git_sha": tracking.git_sha(), "variant": args.variant})
+        tracker.reap()
         tracker.start_parent(f"{args.command} {preset_name}", flatten(to_dict(cfg)), config_file)
-        outcomes = execute(cfg, plan, store, keys, tracker, verbose=args.verbose)
+        try:
+            outcomes = execute(cfg, plan, store, keys, tracker, verbose=args.verbose)
+        except BaseException:  # interrupted (Ctrl-C, SIGTERM): no run stays RUNNING
+            best_effort("KILLED status", "pipeline", tracker.close_open, [])
+            raise
         ok = all(o.error is None for o in outcomes.values()) and len(outcomes) == len(plan)
         summary_file = _write_summary(workdir, summary_json(outcomes))
         written = _publish_report(cfg, store, workdir, tracker, f"pipeline {args.command}") if args.command == "full" else None
@@ -212,12 +233,14 @@ def _run_sweep(args, sweep, cfg: PipelineConfig, trials) -> int:
     uri = tracking.tracking_uri(workdir)
     tracking.check_reachable(uri)
     runtime.check_address()
-    open_workdir(workdir)
     command = " ".join(["pipeline sweep", sweep.name] + [f"--grid {g}" for g in args.grid]
                        + [f"--target {t}" for t in args.target] + ([f"--seeds {args.seeds}"] if args.seeds else []))
-    tracker = tracking.Tracker(uri, cfg.name, workdir, {"preset": args.preset, "command": command, "git_sha": tracking.git_sha()})
-    ok, out_dir = run_sweep(sweep, planned, args.seeds, cfg, store, tracker, workdir, args.verbose)
-    written = _publish_report(cfg, store, workdir, tracker, command)
+    with lock.hold(open_workdir(workdir), command):
+        tracker = tracking.Tracker(uri, cfg.name, workdir, {"preset": args.preset, "command": command,
+                                                            "git_sha": tracking.git_sha()})
+        tracker.reap()
+        ok, out_dir = run_sweep(sweep, planned, args.seeds, cfg, store, tracker, workdir, args.verbose)
+        written = _publish_report(cfg, store, workdir, tracker, command)
     if written is False:
         tracker.set_status(tracker.parent_id, "FAILED")
         ok = False

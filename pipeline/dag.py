@@ -156,21 +156,19 @@ def make_plan(
     """Which nodes a command covers, in topological order, and whether each runs and why.
 
     A target that is complete (and neither forced nor downstream of ``rerun_from``) is reused
-    and needs none of its inputs; a node that runs needs all of its inputs (cached or run). A
-    cached node that a running node reads is checked against its manifest's sha256 (a damaged
-    one is rebuilt); a cached target that nothing reads is only checked for file sizes.
+    and needs none of its inputs; a node that runs needs all of its inputs (cached or run). Every
+    cached node is checked against its manifest (``ArtifactStore.check``): a damaged one is rebuilt.
     """
     redo = {n: FORCED for n in force}
     for n in descendants(dag, set(rerun_from)) - set(redo):
         redo[n] = RERUN
     needed = set(targets)
-    read = set()  # inputs of nodes that run
     steps: dict[str, Step] = {}
     for node_id in reversed(list(dag)):
         if node_id not in needed:
             continue
         node = dag[node_id]
-        manifest, why = store.check(node.stage.name, keys[node_id], verify=node_id in read)
+        manifest, why = store.check(node.stage.name, keys[node_id])
         if node_id in redo:
             steps[node_id] = Step(node, keys[node_id], True, redo[node_id], None)
         elif manifest is None:
@@ -179,5 +177,4 @@ def make_plan(
             steps[node_id] = Step(node, keys[node_id], False, CACHED, manifest)
         if steps[node_id].run:
             needed.update(node.deps)
-            read.update(node.deps)
     return [steps[n] for n in dag if n in steps]

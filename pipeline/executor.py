@@ -19,7 +19,6 @@ from __future__ import annotations
 import functools
 import io
 import logging
-import pickle
 import re
 import tempfile
 import time
@@ -132,7 +131,7 @@ class RayExecutor:
             try:
                 with fs.open_input_stream(f"{path}/{CHECKPOINT_FILE}", compression=None) as f:
                     return torch.load(io.BytesIO(f.read()), map_location="cpu", weights_only=True)
-            except (OSError, RuntimeError, EOFError, pickle.UnpicklingError) as e:
+            except Exception as e:  # truncated by a crash, or damaged: any way torch.load fails
                 logger.warning("[%s] skipping the checkpoint of epoch %d, it does not load (%s)", self.node_id, epoch, e)
         return None
 

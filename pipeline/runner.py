@@ -104,7 +104,7 @@ def execute(
                     failed = True
                 else:
                     manifests[step.node.id] = manifest
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, SystemExit):  # Ctrl-C, or SIGTERM (Ray's driver handler exits)
         logger.warning("interrupted while running %s: finished nodes are kept, and the next run resumes training "
                        "from its last checkpoint", ", ".join(s.node.id for s in running.values()))
         pool.shutdown(wait=False, cancel_futures=True)

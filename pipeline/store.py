@@ -7,13 +7,15 @@
 ``manifest.json``::
 
     {"stage": "train", "variant": "rpn", "key": "<cache key>",
-     "files": [{"path": "model.pt", "bytes": 123, "sha256": "..."}, ...],  # every other file
+     "files": [{"path": "model.pt", "bytes": 123, "sha256": "...", "mtime_ns": ...}, ...],  # every other file
      "metrics": {...}, "outputs": {...}, "config": {...},                 # node-specific
      "run_id": "<MLflow run that produced it>", "created": <unix time>, "seconds": <duration>}
 
 A node directory without a manifest is partial (its producer died) and is cleared before the
-node runs again; a manifest whose files do not match the listing (missing, wrong size, or,
-with ``verify``, wrong checksum) marks the node damaged, so it is rebuilt rather than used.
+node runs again; a manifest whose files do not match the listing (missing, wrong size, or wrong
+checksum) marks the node damaged, so it is rebuilt rather than used. The checksum is computed
+only for a file whose modification time is not the one recorded at commit (a same-size
+corruption, a copy, a restore), so checking a whole store costs a listing, not a read.
 The manifest is the one integrity layer: formats inside a node (e.g. the Parquet proposal
 cache) keep no checksums of their own.
 """
@@ -114,20 +116,23 @@ class ArtifactStore:
             raise
         return manifest if isinstance(manifest, dict) and "files" in manifest else None
 
-    def check(self, stage: str, key: str, verify: bool = False) -> tuple[dict | None, str]:
-        """``(manifest, "")`` for a complete, intact node; ``(None, why)`` otherwise."""
+    def check(self, stage: str, key: str) -> tuple[dict | None, str]:
+        """``(manifest, "")`` for a complete, intact node; ``(None, why)`` otherwise: every listed
+        file present with its size, and its sha256 unless its mtime is the one recorded at commit."""
         manifest = self.read_manifest(stage, key)
         if manifest is None:
             exists = self.fs.get_file_info(self.path(stage, key)).type == pafs.FileType.Directory
             return None, "partial output (no manifest)" if exists else "no output yet"
-        sizes = self._listing(stage, key)
+        files = self._listing(stage, key)
         for entry in manifest["files"]:
-            if entry["path"] not in sizes:
+            info = files.get(entry["path"])
+            if info is None:
                 return None, f"damaged output: {entry['path']} is missing"
-            if sizes[entry["path"]] != entry["bytes"]:
-                return None, f"damaged output: {entry['path']} is {sizes[entry['path']]} bytes, manifest says {entry['bytes']}"
-            if verify and self._sha256(self.path(stage, key, entry["path"])) != entry["sha256"]:
-                return None, f"damaged output: {entry['path']} checksum differs from the manifest"
+            if info.size != entry["bytes"]:
+                return None, f"damaged output: {entry['path']} is {info.size} bytes, manifest says {entry['bytes']}"
+            if (entry.get("mtime_ns") is None or info.mtime_ns != entry["mtime_ns"]) and \
+                    self._sha256(self.path(stage, key, entry["path"])) != entry["sha256"]:
+                return None, f"damaged output: {entry['path']} differs from the manifest's sha256"
         return manifest, ""
 
     def clear(self, stage: str, key: str) -> None:
@@ -165,16 +170,16 @@ class ArtifactStore:
         """Write the manifest listing every file now in the node directory with its size and
         sha256, plus ``record`` (metrics, outputs, config, run_id, ...): the node is complete.
         Returns the manifest."""
-        files = [{"path": rel, "bytes": size, "sha256": self._sha256(self.path(stage, key, rel))}
-                 for rel, size in sorted(self._listing(stage, key).items())]
+        files = [{"path": rel, "bytes": info.size, "sha256": self._sha256(self.path(stage, key, rel)),
+                  "mtime_ns": info.mtime_ns} for rel, info in sorted(self._listing(stage, key).items())]
         manifest = json_safe({"stage": stage, "key": key, "files": files, "created": time.time(), **record})
         write_json(self.path(stage, key, MANIFEST), manifest, indent=1, filesystem=self.fs)  # atomic, written last
         return manifest
 
     # ---- internals -------------------------------------------------------------------------
 
-    def _listing(self, stage: str, key: str) -> dict[str, int]:
-        """``{relative path: bytes}`` of the node's files, manifest and temporaries excluded."""
+    def _listing(self, stage: str, key: str) -> dict[str, pafs.FileInfo]:
+        """``{relative path: file info}`` of the node's files, manifest and temporaries excluded."""
         base = self.path(stage, key)
         selector = pafs.FileSelector(base, recursive=True, allow_not_found=True)
         out = {}
@@ -185,7 +190,7 @@ class ArtifactStore:
             name = rel.rsplit("/", 1)[-1]
             if rel == MANIFEST or name.startswith("."):
                 continue
-            out[rel] = info.size
+            out[rel] = info
         return out
 
     def _sha256(self, path: str) -> str:

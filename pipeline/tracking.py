@@ -93,6 +93,16 @@ def git_sha(repo: Path = REPO) -> str | None:
     return out.stdout.strip() if out.returncode == 0 else None
 
 
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
+
+
 def _metrics(values: Mapping[str, float], step: int = 0):
     from mlflow.entities import Metric
 
@@ -181,12 +191,44 @@ class Tracker:
             self.experiment_id = self.client.create_experiment(experiment, artifact_location=location)
         else:
             self.experiment_id = exp.experiment_id
-        self.base_tags = {k: v for k, v in base_tags.items() if v is not None}
+        # who runs this (a sweep trial's tracker keeps its driver's): ``reap`` tells dead runs by it
+        process = {"pipeline_host": socket.gethostname(), "pipeline_pid": str(os.getpid()),
+                   "pipeline_workdir": str(workdir.resolve())}
+        self.base_tags = {**process, **{k: v for k, v in base_tags.items() if v is not None}}
         self.parent_id = parent_id  # node runs are nested under it
+        self._open: set[str] = set()  # runs this tracker started and has not ended
+
+    def _started(self, run_id: str) -> str:
+        self._open.add(run_id)
+        return run_id
+
+    def _terminate(self, run_id: str, status: str) -> None:
+        self.client.set_terminated(run_id, status)
+        self._open.discard(run_id)
+
+    def close_open(self, status: str = "KILLED") -> None:
+        """End every run this tracker started and has not ended (an interrupted invocation)."""
+        for run_id in sorted(self._open):
+            self._terminate(run_id, status)
+
+    def reap(self) -> list[str]:
+        """Mark KILLED the runs of this work directory on this host left RUNNING by a pipeline
+        process that no longer exists (SIGKILL, power loss); returns their ids."""
+        query = (f"attributes.status = 'RUNNING' and tags.pipeline_workdir = '{self.base_tags['pipeline_workdir']}' "
+                 f"and tags.pipeline_host = '{self.base_tags['pipeline_host']}'")
+        reaped = []
+        for run in self.client.search_runs([self.experiment_id], filter_string=query, max_results=10000):
+            pid = run.data.tags.get("pipeline_pid", "")
+            if pid.isdigit() and not _alive(int(pid)):
+                self.client.set_terminated(run.info.run_id, "KILLED")
+                reaped.append(run.info.run_id)
+        if reaped:
+            logger.warning("MLflow: marked %d run(s) KILLED that a killed pipeline run left RUNNING", len(reaped))
+        return reaped
 
     def start_parent(self, name: str, params: Mapping[str, object], config_file: Path | None = None) -> str:
         run = self.client.create_run(self.experiment_id, run_name=name, tags=self.base_tags)
-        self.parent_id = run.info.run_id
+        self.parent_id = self._started(run.info.run_id)
         self._log_params(self.parent_id, params)
         if config_file is not None:
             self.client.log_artifact(self.parent_id, str(config_file))
@@ -195,18 +237,18 @@ class Tracker:
     def finish_parent(self, ok: bool, artifacts: Iterable[Path] = ()) -> None:
         for path in artifacts:
             self.client.log_artifact(self.parent_id, str(path))
-        self.client.set_terminated(self.parent_id, "FINISHED" if ok else "FAILED")
+        self._terminate(self.parent_id, "FINISHED" if ok else "FAILED")
 
     def start_node(self, node_id: str, key: str, params: Mapping[str, object]) -> str:
         run = self.client.create_run(self.experiment_id, run_name=node_id, tags={
             **self.base_tags, "mlflow.parentRunId": self.parent_id, "node": node_id,
             "stage": node_id.split("/")[0], "cache_key": key, "cache_hit": "false"})
-        self._log_params(run.info.run_id, params)
+        self._log_params(self._started(run.info.run_id), params)
         return run.info.run_id
 
     def finish_node(self, run_id: str, metrics: Mapping[str, float], artifacts: Iterable[Path] = (), ok: bool = True) -> None:
         self.log(run_id, metrics, artifacts=artifacts)
-        self.client.set_terminated(run_id, "FINISHED" if ok else "FAILED")
+        self._terminate(run_id, "FINISHED" if ok else "FAILED")
 
     def log(self, run_id: str, metrics: Mapping[str, float] | None = None, tags: Mapping[str, str] | None = None,
             artifacts: Iterable[Path] = ()) -> None:
@@ -252,13 +294,14 @@ class Tracker:
             if found.data.tags.get("error") is not None:
                 self.client.delete_tag(run_id, "error")
             if found.info.status != "FINISHED":
-                self.client.update_run(run_id, status=status)
+                self.set_status(run_id, status)
+                self.client.set_tag(run_id, "pipeline_pid", self.base_tags["pipeline_pid"])  # reopened by this process
             return run_id, found.info.status
         tags = {**self.base_tags, **identity, **({"mlflow.parentRunId": parent_id} if parent_id else {})}
-        run_id = self.client.create_run(self.experiment_id, run_name=name, tags=tags).info.run_id
+        run_id = self._started(self.client.create_run(self.experiment_id, run_name=name, tags=tags).info.run_id)
         self._log_params(run_id, params)
         if status != "RUNNING":
-            self.client.update_run(run_id, status=status)
+            self.set_status(run_id, status)
         return run_id, None
 
     def run_record(self, run_id: str) -> tuple[str, dict[str, float], dict[str, str]]:
@@ -271,12 +314,16 @@ class Tracker:
 
     def set_status(self, run_id: str, status: str) -> None:
         self.client.update_run(run_id, status=status)
+        if status == "RUNNING":
+            self._open.add(run_id)
+        else:
+            self._open.discard(run_id)
 
     def finish_run(self, run_id: str, metrics: Mapping[str, float], tags: Mapping[str, str] | None = None,
                    error: str | None = None, artifacts: Iterable[Path] = ()) -> None:
         """Log ``metrics``, ``tags`` and ``artifacts``; FINISHED, or FAILED with an ``error`` tag."""
         self.log(run_id, metrics, {**(tags or {}), **({"error": error} if error else {})}, artifacts)
-        self.client.set_terminated(run_id, "FAILED" if error else "FINISHED")
+        self._terminate(run_id, "FAILED" if error else "FINISHED")
 
     def _log_params(self, run_id: str, params: Mapping[str, object]) -> None:
         items = _params(params)

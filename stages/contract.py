@@ -31,7 +31,7 @@ from typing import Any, Protocol, TypeVar
 import torch
 from torch import nn
 
-from stages.io import save_torch
+from stages.io import load_torch, save_torch
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -159,7 +159,7 @@ class LocalContext:
     def load_checkpoint(self) -> dict | None:
         path = self.checkpoint_dir and Path(self.checkpoint_dir, CHECKPOINT_FILE)
         if path and path.exists():
-            self.last_state = torch.load(path, map_location="cpu", weights_only=True)
+            self.last_state = load_torch(path)
         return self.last_state
 
     def on_step(self, epoch: int, num_epochs: int, step: int, num_steps: int, losses: dict[str, float],

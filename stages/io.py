@@ -102,6 +102,25 @@ def save_torch(state: Any, path: str | os.PathLike, *, filesystem: pafs.FileSyst
     atomic_write(path, lambda f: torch.save(state, f), filesystem=filesystem)
 
 
+class ArtifactError(ValueError):
+    """A stored file that does not read back as what it should be; the message names it."""
+
+
+def load_torch(path: str | os.PathLike) -> Any:
+    """``torch.load(path, map_location="cpu", weights_only=True)``; a file that does not load
+    raises ArtifactError naming it (instead of torch's advice to retry with ``weights_only=False``,
+    which is unsafe, and wrong for a damaged file)."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise
+    except Exception as e:
+        detail = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise ArtifactError(f"{path}: does not load as a checkpoint, it is damaged or not one of ours "
+                            f"({type(e).__name__}: {detail[:200]}); the next run rebuilds a damaged node, or "
+                            "re-run it with --force") from None
+
+
 def _write_to(f: BinaryIO, data: Payload | Writer) -> None:
     if callable(data):
         data(f)

@@ -25,7 +25,7 @@ from torch.utils.data import DataLoader, Subset
 from ga_models import ProposerConfig, build_proposer, load_state_dict_checked
 from stages.contract import Executor, Input, Output, StageResult, only
 from stages.datasets import CocoDetection, collate, open_split
-from stages.io import write_json
+from stages.io import load_torch, write_json
 from stages.proposal_cache import ProposalCache
 
 logger = logging.getLogger(__name__)
@@ -116,7 +116,7 @@ def run(cfg: ProposalsStageConfig, inputs: Mapping[str, Input], out: Output, exe
 def propose_shard(job: ShardJob, device: torch.device) -> dict[str, list[float]]:
     """Load the trained model and the dataset on this machine, propose for the shard's images
     and write them as one cache shard; returns its per-image statistics."""
-    state_dict = torch.load(job.train.local_dir() / job.train.outputs["model"], map_location="cpu", weights_only=True)
+    state_dict = load_torch(job.train.local_dir() / job.train.outputs["model"])
     model = load_proposer(job.cfg.proposer, state_dict, device)
     dataset = open_split(job.data.local_dir(), job.split)
     cache = ProposalCache(job.cache_uri, job.metadata)

@@ -28,7 +28,7 @@ from stages.coco import load_coco
 from stages.contract import Executor, Input, Output, StageResult, TrainContext, only
 from stages.datasets import CocoDetection
 from stages.detection import CachedProposals, num_classes, training_step
-from stages.io import save_torch, write_json
+from stages.io import load_torch, save_torch, write_json
 from stages.training import TrainConfig, final_metrics, per_epoch_metrics, train_model
 
 # Weights a fine-tuned detector does not take over from the detector it starts from.
@@ -63,7 +63,7 @@ def run(cfg: TrainDetectorConfig, inputs: Mapping[str, Input], out: Output, exec
 
 def load_weights(node: Input) -> dict[str, torch.Tensor]:
     """The state dict in a trained node's ``model.pt`` (tensors only: ``weights_only``)."""
-    return torch.load(node.local_dir() / node.outputs["model"], map_location="cpu", weights_only=True)
+    return load_torch(node.local_dir() / node.outputs["model"])
 
 
 def initial_model(cfg: DetectorConfig, classes: int, backbone_from: Input | None, weights_from: Input | None) -> nn.Module:

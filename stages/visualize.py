@@ -47,7 +47,7 @@ from ga_models.proposer import Proposer
 from ga_models.rpn import HeadOutputs
 from stages.contract import Executor, Input, Output, StageResult, only
 from stages.datasets import CocoDetection, open_split
-from stages.io import write_json
+from stages.io import load_torch, write_json
 from stages.plots import save_png
 from stages.proposal_cache import ProposalCache
 from stages.proposals import load_proposer
@@ -191,7 +191,7 @@ def node(inputs: Mapping[str, Input], stage: str, variant: str) -> Input:
 
 def load_trained(proposer_cfg: ProposerConfig, train: Input) -> Proposer:
     """The train node's proposer (weights read with ``weights_only=True``), eval mode, on the CPU."""
-    state_dict = torch.load(train.local_dir() / train.outputs["model"], map_location="cpu", weights_only=True)
+    state_dict = load_torch(train.local_dir() / train.outputs["model"])
     return load_proposer(proposer_cfg, state_dict, torch.device("cpu"))
 
 

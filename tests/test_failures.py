@@ -3,6 +3,7 @@ deterministic training failures not retried, system failures retried from the ne
 and a tracking store that fails or hangs never costing work or hanging the run."""
 
 import logging
+import os
 import socket
 import threading
 import time
@@ -203,3 +204,68 @@ def test_check_resources_fails_at_once_on_a_local_ray_and_waits_a_bounded_time_o
         check_resources(too_big, wait_s=1.5)
     assert 1.5 <= time.monotonic() - started < 10
     check_resources({"train/rpn": (2, {"CPU": 1.0}, "")})  # the session's 2 CPUs hold it
+
+
+def test_one_writer_per_workdir_and_a_killed_holder_leaves_no_lock(tmp_path):
+    import subprocess
+    import sys
+
+    from pipeline.lock import WorkdirBusy, hold
+
+    with hold(tmp_path, "pipeline full --preset smoke"):
+        with pytest.raises(WorkdirBusy, match=rf"work directory {tmp_path} is in use by 'pipeline full --preset smoke' "
+                                              rf"\(pid {os.getpid()} on .+, since .+\)"):
+            with hold(tmp_path, "pipeline sweep eps_l"):
+                pass
+    with hold(tmp_path, "again"):  # released
+        pass
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from pathlib import Path; from pipeline.lock import hold\n"
+                               f"with hold(Path({str(tmp_path)!r}), 'held'):\n    print('in', flush=True); time.sleep(60)"],
+                              stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline().strip() == "in"
+    with pytest.raises(WorkdirBusy, match="'held'"):
+        with hold(tmp_path, "second"):
+            pass
+    holder.kill()
+    holder.wait()
+    with hold(tmp_path, "after a SIGKILL"):
+        pass
+
+
+def test_runs_left_running_are_ended(tmp_path):
+    import subprocess
+    import sys
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    work = tmp_path / "work"
+    tracker = tracking.Tracker(uri, "x", work, {"command": "pipeline full"})
+    parent = tracker.start_parent("full", {})
+    node = tracker.start_node("train/rpn", "k" * 20, {})
+    done = tracker.start_node("data", "d" * 20, {})
+    tracker.finish_node(done, {})
+    tracker.close_open()  # an interrupted invocation
+    assert [tracker.run_record(r)[0] for r in (parent, node, done)] == ["KILLED", "KILLED", "FINISHED"]
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    killed = tracking.Tracker(uri, "x", work, {"pipeline_pid": dead.stdout.strip()})  # as a SIGKILL'd run left it
+    orphan = killed.start_parent("full", {})
+    other_dir = tracking.Tracker(uri, "x", tmp_path / "elsewhere", {"pipeline_pid": dead.stdout.strip()}).start_parent("full", {})
+    live = tracking.Tracker(uri, "x", work, {}).start_parent("full", {})  # this process: alive
+    assert tracking.Tracker(uri, "x", work, {}).reap() == [orphan]
+    assert [tracker.run_record(r)[0] for r in (orphan, other_dir, live)] == ["KILLED", "RUNNING", "RUNNING"]
+
+
+def test_a_damaged_checkpoint_is_named_not_blamed_on_weights_only(tmp_path):
+    import torch
+
+    from stages.io import ArtifactError, load_torch
+
+    path = tmp_path / "model.pt"
+    save_torch({"w": torch.ones(3)}, path)
+    assert torch.equal(load_torch(path)["w"], torch.ones(3))
+    blob = bytearray(path.read_bytes())
+    blob[len(blob) // 2:] = bytes(len(blob) - len(blob) // 2)  # same size, zeroed second half
+    path.write_bytes(bytes(blob))
+    with pytest.raises(ArtifactError, match=f"{path}: does not load as a checkpoint") as e:
+        load_torch(path)
+    assert "weights_only=False" not in str(e.value) and "\n" not in str(e.value)

@@ -128,3 +128,21 @@ def test_a_training_the_machine_cannot_hold_fails_at_once_with_one_line(tmp_path
     assert last.startswith("pipeline: error: train/rpn needs 64 worker(s)"), proc.stderr
     assert "train.num_workers=64" in last and "room for" in last
     assert not list((tmp_path / "work").glob("data/*/manifest.json"))  # nothing ran
+
+
+def test_a_second_run_on_a_busy_workdir_fails_at_once_naming_the_holder(tmp_path):
+    workdir = tmp_path / "work"
+    workdir.mkdir()
+    code = ("import time; from pathlib import Path; from pipeline.lock import hold\n"
+            f"with hold(Path({str(workdir)!r}), 'pipeline full --preset smoke'):\n    print('in', flush=True); time.sleep(120)")
+    holder = subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "in"
+        for command in (["full"], ["sweep", "eps_l"]):
+            proc = cli(*command, "--preset", "smoke", "--workdir", str(workdir))
+            assert_one_line_error(proc, f"work directory {workdir} is in use by 'pipeline full --preset smoke' "
+                                        f"(pid {holder.pid} on")
+    finally:
+        holder.kill()
+        holder.wait()
+    assert sorted(p.name for p in workdir.iterdir()) == [".lock"]  # the second runs wrote nothing

@@ -152,7 +152,7 @@ def test_manifest_lists_files_with_checksums_and_is_written_last(tmp_path):
     assert manifest["files"][0]["bytes"] == 7 and len(manifest["files"][0]["sha256"]) == 64
     on_disk = json.loads((tmp_path / "train" / "k1" / MANIFEST).read_text())
     assert on_disk["metrics"] == {"loss": 1.5} and on_disk["key"] == "k1"
-    assert store.check("train", "k1", verify=True)[0] is not None
+    assert store.check("train", "k1")[0] is not None
     assert not [p for p in (tmp_path / "train" / "k1").iterdir() if p.name.startswith(".")]  # no temp left
 
 
@@ -168,8 +168,9 @@ def test_node_without_manifest_or_with_damaged_files_is_not_used(tmp_path):
     (tmp_path / "data" / "k" / "a.txt").write_text("abcd")
     assert "a.txt is 4 bytes" in store.check("data", "k")[1]
     (tmp_path / "data" / "k" / "a.txt").write_text("abd")  # same size, different bytes
+    assert store.check("data", "k")[1] == "damaged output: a.txt differs from the manifest's sha256"
+    (tmp_path / "data" / "k" / "a.txt").write_text("abc")  # restored (a copy): a new mtime, the same bytes
     assert store.check("data", "k")[0] is not None
-    assert "checksum" in store.check("data", "k", verify=True)[1]
     (tmp_path / "data" / "k" / "a.txt").unlink()
     assert "a.txt is missing" in store.check("data", "k")[1]
     (tmp_path / "data" / "k" / MANIFEST).write_text('{"files": [')  # torn manifest = none
@@ -212,7 +213,7 @@ def test_remote_store_uploads_and_local_dir_verifies_what_it_fetches(tmp_path):
     store = ArtifactStore("mock:///store", local_cache=tmp_path / "cache")  # pyarrow's in-memory filesystem
     assert not store.is_local
     commit(store, "train", "k", {"model.pt": "weights", "sub/h.json": "{}"})
-    assert store.check("train", "k", verify=True)[0] is not None
+    assert store.check("train", "k")[0] is not None
     fetched = store.local_dir("train", "k")
     assert (fetched / "model.pt").read_text() == "weights" and (fetched / "sub/h.json").read_text() == "{}"
 
@@ -232,15 +233,16 @@ def test_remote_store_uploads_and_local_dir_verifies_what_it_fetches(tmp_path):
     assert not staged.exists()  # staging does not pile up in the local cache
 
 
-def test_plan_checksums_the_inputs_of_nodes_that_run(tmp_path):
+def test_plan_rebuilds_a_damaged_node_whether_or_not_anything_reads_it(tmp_path):
     dag, store = build(), ArtifactStore(tmp_path)
     keys = keys_for()
     for node_id in ("data", "train/rpn"):
         commit(store, dag[node_id].stage.name, keys[node_id], {"model.pt": "weights"})
     (tmp_path / "train" / keys["train/rpn"] / "model.pt").write_text("WEIGHTS")  # same size, other bytes
-    # train/rpn as a target that nothing reads: sizes match, reused
-    assert [(s.node.id, s.run) for s in make_plan(dag, keys, store, ["train/rpn"])] == [("train/rpn", False)]
-    # proposals/rpn runs and reads train/rpn: its checksum is checked, and it is rebuilt
+    # train/rpn as a target that nothing reads: rebuilt, not served as valid
+    step = {s.node.id: s for s in make_plan(dag, keys, store, ["train/rpn"])}["train/rpn"]
+    assert step.run and step.reason == "damaged output: model.pt differs from the manifest's sha256"
+    # proposals/rpn reads train/rpn: rebuilt first
     steps = {s.node.id: s for s in make_plan(dag, keys, store, ["proposals/rpn"])}
-    assert steps["train/rpn"].run and "model.pt checksum differs" in steps["train/rpn"].reason
+    assert steps["train/rpn"].run and "model.pt differs" in steps["train/rpn"].reason
     assert not steps["data"].run

@@ -1,6 +1,7 @@
 """Kill the pipeline mid-training (SIGKILL to its whole process group) and run it again: the
-finished data node is reused, training resumes from its last Ray Train checkpoint, and the run
-completes. Slow: two real pipeline processes, each starting Ray."""
+finished data node is reused, training resumes from its last Ray Train checkpoint, the run
+completes, and the killed run's MLflow runs are marked KILLED; SIGTERM ends a run at once with
+its MLflow runs KILLED. Slow: real pipeline processes, each starting Ray."""
 
 import json
 import os
@@ -23,10 +24,7 @@ def test_kill_during_training_then_resume(tmp_path):
     proc = subprocess.Popen(args, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True)
     try:
-        deadline = time.time() + 300
-        while not list(tmp_path.glob("_ray_train/*/epoch_0001")) and time.time() < deadline:
-            assert proc.poll() is None, "the pipeline ended before its first checkpoint"
-            time.sleep(0.5)
+        wait_for_checkpoint(proc, tmp_path)
     finally:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
@@ -42,3 +40,46 @@ def test_kill_during_training_then_resume(tmp_path):
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["data"]["cached"] is True
     assert summary["train/rpn"]["cached"] is False and summary["train/rpn"]["epochs"] == 4
+    statuses = run_statuses(tmp_path)
+    assert statuses["run smoke"] == ["FINISHED", "KILLED"]  # the re-run, and the SIGKILL'd one reaped
+    assert statuses["train/rpn"] == ["FINISHED", "KILLED"]
+
+
+def run_statuses(workdir: Path) -> dict[str, list[str]]:
+    """``{run name: statuses, newest first}`` of the workdir's MLflow store."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{workdir / 'mlflow.db'}")
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()], order_by=["attributes.start_time DESC"])
+    out: dict[str, list[str]] = {}
+    for run in runs:
+        out.setdefault(run.info.run_name, []).append(run.info.status)
+    return out
+
+
+def wait_for_checkpoint(proc: subprocess.Popen, workdir: Path, epoch: int = 1, seconds: float = 300) -> None:
+    deadline = time.time() + seconds
+    while not list(workdir.glob(f"_ray_train/*/epoch_{epoch:04d}")):
+        assert proc.poll() is None, "the pipeline ended before its checkpoint"
+        assert time.time() < deadline, f"no checkpoint of epoch {epoch} within {seconds} s"
+        time.sleep(0.5)
+
+
+def test_sigterm_ends_the_run_and_its_mlflow_runs_at_once(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI")}
+    args = [sys.executable, "-m", "pipeline", "run", "train", "--variant", "rpn", "--preset", "smoke",
+            "--workdir", str(tmp_path), "--set", "train.epochs=20"]
+    proc = subprocess.Popen(args, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        wait_for_checkpoint(proc, tmp_path)
+        proc.send_signal(signal.SIGTERM)  # as a batch scheduler or `kill` does
+        _, stderr = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert proc.returncode != 0
+    assert not list(tmp_path.glob("train/*/manifest.json"))
+    statuses = run_statuses(tmp_path)
+    assert statuses["run smoke"] == ["KILLED"] and statuses["train/rpn"] == ["KILLED"], stderr[-2000:]
