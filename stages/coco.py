@@ -37,6 +37,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from PIL import Image
 from pycocotools.coco import COCO
 
 logger = logging.getLogger(__name__)
@@ -145,6 +146,38 @@ def validate_coco(coco: COCO, image_root: str | os.PathLike, *, strict: bool = F
         for i, image in images.items()
     ]
     return ValidatedCoco(records, len(skipped), num_clipped, coco.num_areas_filled)
+
+
+def check_image_files(checked: ValidatedCoco, ann_file: str | os.PathLike) -> None:
+    """The checks of every image file that cost a header read, not a decode: it opens as an image,
+    its size is the annotated one, and it is not cut short (a PNG ends with its IEND chunk, a
+    JPEG has its end-of-image marker near the end). Raises ``DatasetError`` naming the file, the
+    image ids and the files (the first few)."""
+    bad: list[str] = []
+    for rec in checked.records:
+        problem = _image_file_problem(rec)
+        if problem:
+            bad.append(f"image id {rec.image_id} ({rec.path}): {problem}")
+    if bad:
+        more = len(bad) - MISSING_FILES_SHOWN
+        raise DatasetError(f"{ann_file}: {len(bad)} unusable image file(s): " + "; ".join(bad[:MISSING_FILES_SHOWN])
+                           + (f"; and {more} more" if more > 0 else ""))
+
+
+def _image_file_problem(rec: ImageRecord) -> str | None:
+    try:
+        with Image.open(rec.path) as img:
+            size, kind = img.size, img.format
+    except OSError as e:  # PIL's UnidentifiedImageError included
+        return f"not a readable image ({e})"
+    if size != (rec.width, rec.height):
+        return f"the file is {size[0]}x{size[1]} (w x h), the annotation says {rec.width}x{rec.height}"
+    with open(rec.path, "rb") as f:
+        f.seek(max(os.fstat(f.fileno()).st_size - 1024, 0))
+        tail = f.read()
+    if (kind == "PNG" and b"IEND" not in tail[-12:]) or (kind == "JPEG" and b"\xff\xd9" not in tail):
+        return f"the {kind} file is truncated (no end marker)"
+    return None
 
 
 @contextlib.contextmanager

@@ -8,6 +8,7 @@ size: the models' transforms resize them.
 
 from __future__ import annotations
 
+import logging
 import os
 import warnings
 from collections.abc import Mapping
@@ -15,10 +16,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from stages import synthetic
-from stages.coco import DatasetWarning, load_coco, validate_coco
+from stages.coco import DatasetError, DatasetWarning, ValidatedCoco, check_image_files, load_coco, validate_coco
 from stages.contract import Executor, Input, Output, StageResult
 
 SPLITS = ("train", "val")
+MAX_SKIPPED_FRACTION = 0.05  # of a split's annotations lost to non-positive sizes before a loud warning
+logger = logging.getLogger(__name__)
 _COCO_FIELDS = ("train_ann", "train_images", "val_ann", "val_images")
 
 
@@ -124,11 +127,34 @@ def run(cfg: DataConfig, inputs: Mapping[str, Input], out: Output, executor: Exe
                   for split in SPLITS}
     metrics: dict[str, float] = {}
     for split in SPLITS:
-        with warnings.catch_warnings():
+        ann_file = out.dir / splits[split]["ann_file"]
+        coco = load_coco(ann_file)
+        with warnings.catch_warnings(record=True) as caught:  # logged once, by the node's logger
             warnings.simplefilter("always", DatasetWarning)
-            checked = validate_coco(load_coco(out.dir / splits[split]["ann_file"]), out.dir / splits[split]["image_root"])
+            checked = validate_coco(coco, out.dir / splits[split]["image_root"])
+        for warning in caught:
+            logger.warning("%s", warning.message)
+        _check_usable(split, ann_file, coco, checked)
+        check_image_files(checked, ann_file)
         metrics[f"num_{split}_images"] = float(len(checked.records))
         metrics[f"num_{split}_skipped_boxes"] = float(checked.num_skipped)
         metrics[f"num_{split}_clipped_boxes"] = float(checked.num_clipped)
         metrics[f"num_{split}_areas_filled"] = float(checked.num_areas_filled)
     return StageResult(metrics, {"splits": splits})
+
+
+def _check_usable(split: str, ann_file: Path, coco, checked: ValidatedCoco) -> None:
+    """A split with no usable box is an error (nothing to learn or measure); one that loses more
+    than ``MAX_SKIPPED_FRACTION`` of its boxes to non-positive sizes is a loud warning."""
+    annotations = coco.dataset["annotations"]
+    usable = sum(len(r.boxes) for r in checked.records)
+    if usable == 0:
+        crowd = sum(1 for a in annotations if a.get("iscrowd"))
+        raise DatasetError(f"{ann_file}: the {split} split has no usable box ({len(annotations)} annotation(s): "
+                           f"{checked.num_skipped} with non-positive width/height, {crowd} crowd): nothing to "
+                           f"{'train' if split == 'train' else 'evaluate'} on")
+    if checked.num_skipped > MAX_SKIPPED_FRACTION * len(annotations):
+        logger.warning("%s: the %s split loses %d of its %d annotations (%.0f%%, more than %.0f%%) to non-positive "
+                       "box sizes: check the file's bbox convention ([x, y, width, height] in pixels)", ann_file, split,
+                       checked.num_skipped, len(annotations), 100 * checked.num_skipped / len(annotations),
+                       100 * MAX_SKIPPED_FRACTION)
