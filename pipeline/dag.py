@@ -30,6 +30,7 @@ from typing import Any
 from pipeline.code_hash import ROOT, code_digest
 from pipeline.config import VARIANTS, PipelineConfig
 from pipeline.stage_table import STAGES, Stage
+from stages import data
 
 # Field-metadata flags declared on the config dataclasses (``field(metadata=...)``).
 INFERENCE_ONLY = "inference_only"  # changes proposals, not trained weights
@@ -124,11 +125,20 @@ def cache_keys(cfg: PipelineConfig, dag: dict[str, Node], code_root: Path = ROOT
             "variant": node.variant,
             "config": keyed_slice(cfg, node),
             "external": stage.fingerprint(cfg) if stage.fingerprint else {},
-            "inputs": {d: keys[d] for d in node.deps},
+            "inputs": {d: _input_key(cfg, node, d, keys, code) for d in node.deps},
             "code": code[stage.name],
         }
         keys[node.id] = digest(payload)
     return keys
+
+
+def _input_key(cfg: PipelineConfig, node: Node, dep: str, keys: dict[str, str], code: dict[str, str]) -> str:
+    """The key of input ``dep`` as it enters ``node``'s key: for the data node read by a stage that
+    reads one split (``Stage.reads_split``), that split's identity, not the whole node's key."""
+    split = node.stage.reads_split
+    if dep != "data" or split is None:
+        return keys[dep]
+    return digest({"split": split, "identity": data.split_identity(cfg.data, split), "code": code["data"]})
 
 
 CACHED = "complete output for this key"

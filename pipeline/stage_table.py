@@ -11,7 +11,10 @@ A record says:
   trained weights, fields flagged ``inference_only``);
 - ``deps(cfg, variant)``: the nodes it reads, as ids or templates: ``"data"``,
   ``"train/{variant}"`` (the same variant), ``"eval_proposals/*"`` (every node of that stage);
-- ``fingerprint(cfg)``: what its output depends on outside the config (input files' stats);
+- ``fingerprint(cfg)``: what its output depends on outside the config (input files' content);
+- ``reads_split``: the one data split it reads ("train" for stages that train), so that its key
+  takes that split's identity (``stages.data.split_identity``) instead of the whole data node's:
+  a new val set retrains nothing;
 - ``key_metrics``: shown in the terminal summary;
 - ``resources(cfg)``: where ``run`` runs and what its parallel work gets (``Resources``).
 """
@@ -72,6 +75,7 @@ class Stage:
     variants: Callable[[PipelineConfig], tuple[str, ...]] | None = None
     trains_weights: bool = False
     fingerprint: Callable[[PipelineConfig], dict] | None = None
+    reads_split: str | None = None
     key_metrics: tuple[str, ...] = ()
     resources: Callable[[PipelineConfig], Resources] = lambda cfg: Resources()
 
@@ -135,7 +139,7 @@ STAGES: tuple[Stage, ...] = (
         key_metrics=("num_train_images", "num_val_images"),
     ),
     Stage(
-        "train", train_proposer, variants=_proposers, deps=lambda cfg, v: ("data",), trains_weights=True,
+        "train", train_proposer, variants=_proposers, deps=lambda cfg, v: ("data",), trains_weights=True, reads_split="train",
         config=lambda cfg, v: train_proposer.TrainProposerConfig(cfg.proposer_for(v), cfg.train),
         key_metrics=("loss", "train_seconds"),
         resources=lambda cfg: _training(cfg.train, "train"),
@@ -153,12 +157,13 @@ STAGES: tuple[Stage, ...] = (
     ),
     Stage(
         "train_detector", train_detector, variants=lambda cfg: cfg.detector.variants, deps=_detector_deps, trains_weights=True,
+        reads_split="train",
         config=lambda cfg, v: train_detector.TrainDetectorConfig(cfg.detector_for(v), cfg.detector.train),
         key_metrics=("loss", "train_seconds"),
         resources=lambda cfg: _training(cfg.detector.train, "detector.train"),
     ),
     Stage(
-        "finetune", finetune, variants=lambda cfg: cfg.detector.finetune, trains_weights=True,
+        "finetune", finetune, variants=lambda cfg: cfg.detector.finetune, trains_weights=True, reads_split="train",
         deps=lambda cfg, v: _detector_deps(cfg, f"finetune_{v}"),
         config=lambda cfg, v: train_detector.TrainDetectorConfig(cfg.detector_for(f"finetune_{v}"), cfg.detector.finetune_schedule()),
         key_metrics=("loss", "train_seconds"),

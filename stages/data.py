@@ -8,6 +8,8 @@ size: the models' transforms resize them.
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import logging
 import os
 import warnings
@@ -91,17 +93,55 @@ def check_paths(cfg: DataConfig) -> None:
 
 
 def fingerprint(cfg: DataConfig) -> dict:
-    """What the data node's output depends on besides ``cfg``: the COCO annotation files'
-    path, size and modification time (so an edited file re-keys the node). Empty for the
-    synthetic dataset, which ``cfg`` defines completely."""
+    """What the data node's output depends on besides ``cfg``: per split of a COCO dataset, its
+    resolved paths (the node's outputs name them) and ``split_identity``. Empty for the synthetic
+    dataset, which ``cfg`` defines completely."""
     if cfg.synthetic is not None:
         return {}
-    out = {}
-    for name in ("train_ann", "val_ann"):
-        path = cfg.coco_path(name)
-        st = os.stat(path)
-        out[name] = {"path": str(path.resolve()), "bytes": st.st_size, "mtime_ns": st.st_mtime_ns}
-    return out
+    return {split: {"annotations": str(cfg.coco_path(f"{split}_ann").resolve()),
+                    "images": str(cfg.coco_path(f"{split}_images").resolve()), **split_identity(cfg, split)}
+            for split in SPLITS}
+
+
+def split_identity(cfg: DataConfig, split: str) -> dict:
+    """What one split's content is, for the keys of the nodes that read only that split (training
+    reads the train split: a new val set must not retrain): for a COCO dataset the annotation
+    file's sha256 and a digest of every file under the image root (relative name, size, mtime),
+    so that replaced images re-key it and a touched annotation file does not; for the synthetic
+    dataset the settings that generate the split."""
+    if cfg.synthetic is not None:
+        sizes = cfg.synthetic_sizes()
+        return {"synthetic": cfg.synthetic, "images": sizes[f"num_{split}"], "image_size": sizes["image_size"],
+                "seed": cfg.seed * 2 + SPLITS.index(split)}
+    ann, images = cfg.coco_path(f"{split}_ann"), cfg.coco_path(f"{split}_images")
+    return {"annotations_sha256": _file_sha256(str(ann.resolve()), *_stat(ann)),
+            "image_files": _tree_digest(str(images.resolve()))}
+
+
+def _stat(path: Path) -> tuple[int, int]:
+    st = os.stat(path)
+    return st.st_size, st.st_mtime_ns
+
+
+@functools.lru_cache(maxsize=16)
+def _file_sha256(path: str, size: int, mtime_ns: int) -> str:
+    """sha256 of a file (cached per path, size and mtime: keys are computed many times per run)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _tree_digest(root: str) -> str:
+    """sha256 of the sorted (relative path, size, mtime_ns) of every file under ``root``."""
+    entries = []
+    for directory, _, files in os.walk(root):
+        for name in files:
+            path = os.path.join(directory, name)
+            st = os.stat(path)
+            entries.append((os.path.relpath(path, root), st.st_size, st.st_mtime_ns))
+    return hashlib.sha256(repr(sorted(entries)).encode()).hexdigest()
 
 
 def run(cfg: DataConfig, inputs: Mapping[str, Input], out: Output, executor: Executor) -> StageResult:

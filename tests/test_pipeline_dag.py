@@ -246,3 +246,42 @@ def test_plan_rebuilds_a_damaged_node_whether_or_not_anything_reads_it(tmp_path)
     steps = {s.node.id: s for s in make_plan(dag, keys, store, ["proposals/rpn"])}
     assert steps["train/rpn"].run and "model.pt differs" in steps["train/rpn"].reason
     assert not steps["data"].run
+
+
+def test_coco_keys_follow_content_and_training_follows_the_train_split_only(tmp_path):
+    """Replaced images re-key what reads them; a touched annotation file re-keys nothing; a new
+    val set re-keys the data node and the evaluations but retrains nothing."""
+    import os
+
+    from stages import synthetic
+
+    overrides = ["data.synthetic=null"]
+    for i, split in enumerate(("train", "val")):
+        ann, images = synthetic.generate(tmp_path / split, 3, 64, seed=i)
+        overrides += [f"data.{split}_ann={ann}", f"data.{split}_images={images}"]
+
+    def keys():
+        cfg = resolve("smoke", overrides)
+        return cache_keys(cfg, build_dag(cfg))
+
+    trains = ("train/rpn", "train/ga_rpn", "train_detector/faster_rcnn")
+    before = keys()
+    val_ann = tmp_path / "val" / "annotations.json"
+    os.utime(val_ann, ns=(1, 1))  # touched: same content
+    assert keys() == before
+
+    image = next((tmp_path / "val" / "images").iterdir())
+    image.write_bytes(image.read_bytes())  # replaced (new mtime)
+    after_val_images = keys()
+    assert after_val_images["data"] != before["data"] and after_val_images["eval_proposals/rpn"] != before["eval_proposals/rpn"]
+    assert all(after_val_images[n] == before[n] for n in trains)
+
+    content = json.loads(val_ann.read_text())
+    content["annotations"] = content["annotations"][:-1]
+    val_ann.write_text(json.dumps(content))
+    after_val_ann = keys()
+    assert after_val_ann["data"] != after_val_images["data"] and all(after_val_ann[n] == before[n] for n in trains)
+
+    image = next((tmp_path / "train" / "images").iterdir())
+    image.write_bytes(image.read_bytes())
+    assert all(keys()[n] != before[n] for n in trains)
