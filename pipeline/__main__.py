@@ -7,9 +7,7 @@ import argparse
 import functools
 import logging
 import os
-import signal
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -17,7 +15,7 @@ from pipeline import lock, logs
 from pipeline.config import VARIANTS, ConfigError, PipelineConfig, flatten, resolve, to_dict, to_yaml
 from pipeline.dag import Node, build_dag, cache_keys, make_plan
 from pipeline.lock import WorkdirBusy
-from pipeline.runtime import RayAddressError, ResourceError
+from pipeline.runtime import RayAddressError, ResourceError, handle_sigterm
 from pipeline.stage_table import STAGE_NAMES, demands
 from pipeline.store import ArtifactStore, StoreError
 from pipeline.tracking import TrackingError
@@ -94,15 +92,10 @@ def select(dag: dict[str, Node], names: list[str], what: str) -> set[str]:
     return out
 
 
-def _terminated(signum, frame):
-    raise KeyboardInterrupt  # SIGTERM (a scheduler, `kill`) ends a run as Ctrl-C does: its runs marked KILLED
-
-
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logs.configure(args.verbose)
-    if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGTERM, _terminated)
+    handle_sigterm()  # SIGTERM ends a run as Ctrl-C does: its MLflow runs KILLED
     try:
         return _main(args)
     except (ConfigError, UsageError, StoreError, TrackingError, RayAddressError, ResourceError, WorkdirBusy,
@@ -193,7 +186,7 @@ def _run_locked(args, cfg: PipelineConfig, plan, keys, store: ArtifactStore, wor
     if written:
         print(_report_summary(written))
     print(f"total {time.perf_counter() - started:.1f}s; summary: {summary_file}")
-    print(f"MLflow: {uri}  (mlflow ui --backend-store-uri {uri})")
+    print(tracking.how_to_open(uri))
     if not ok:
         missing = [s.node.id for s in plan if s.node.id not in outcomes]
         print(f"pipeline: error: failed: {', '.join(o.node_id for o in outcomes.values() if o.error)}"
@@ -250,8 +243,8 @@ def _run_sweep(args, sweep, cfg: PipelineConfig, trials) -> int:
     if written:
         print(_report_summary(written))
     print(f"total {time.perf_counter() - started:.1f}s; table: {out_dir / 'table.md'}")
-    print(f"MLflow: {uri}  (mlflow ui --backend-store-uri {uri}); "
-          f"the trials: tags.sweep_run = 'trial' and tags.sweep_key = '{sweep_key(sweep.name, planned, args.seeds)}'")
+    print(f"{tracking.how_to_open(uri)}; the trials: tags.sweep_run = 'trial' and "
+          f"tags.sweep_key = '{sweep_key(sweep.name, planned, args.seeds)}'")
     if ok:
         return 0
     stopped = [f"{p.trial.point} (seed {p.trial.seed})" for p in planned if p.state == INTERRUPTED]

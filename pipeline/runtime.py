@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import socket
+import threading
 import time
 from collections.abc import Mapping
 from urllib.parse import urlparse
@@ -53,7 +55,22 @@ def init_ray() -> bool:
         ray.init(address=address, log_to_driver=True)
     else:
         ray.init(log_to_driver=True)
+    # Ray's core worker installs absl's failure signal handler, which on SIGTERM prints a stack
+    # and kills the driver without running any Python: no MLflow run would be ended. SIGTERM goes
+    # back to Python (the crash handlers for SIGSEGV and the like stay Ray's).
+    handle_sigterm()
     return True
+
+
+def handle_sigterm() -> None:
+    """Make SIGTERM (a scheduler's or ``kill``'s) end this process as Ctrl-C does: a
+    KeyboardInterrupt in the main thread, so every ``finally`` and interrupted-run handler runs."""
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _interrupt)
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt
 
 
 class ResourceError(RuntimeError):

@@ -82,6 +82,13 @@ def ui_url(uri: str) -> str:
     return uri.rstrip("/") if urlparse(uri).scheme in ("http", "https") else UI_DEFAULT
 
 
+def how_to_open(uri: str) -> str:
+    """The last line a run prints about MLflow: the server's URL, or the command that serves a local store."""
+    if urlparse(uri).scheme in ("http", "https"):
+        return f"MLflow: {uri.rstrip('/')}  (open it in a browser)"
+    return f"MLflow: {uri}  (mlflow ui --backend-store-uri {uri}, then open {UI_DEFAULT})"
+
+
 REPO = Path(__file__).resolve().parents[1]
 
 

@@ -338,8 +338,11 @@ def test_start_and_stop_local_cluster(fake_cluster, alive):
         "RAY_AUTH_MODE": "token",
         "RAY_AUTH_TOKEN_PATH": env["RAY_AUTH_TOKEN_PATH"],
         "MLFLOW_TRACKING_URI": mlflow_uri,
+        "RAY_RUNTIME_ENV_IGNORE_GITIGNORE": "1",
     }
     lines = [f"export {k}={v}" for k, v in exports.items()]
+    if (Path(env["CLUSTER_VENV"]) / "bin" / "ray").exists():
+        lines.insert(0, f"export PATH={env['CLUSTER_VENV']}/bin:$PATH")
     assert (state / "env.sh").read_text().splitlines() == lines
     for line in lines:
         assert line in started.stdout.splitlines()
@@ -397,7 +400,8 @@ def test_start_refuses_a_busy_port_and_leaves_nothing_running(fake_cluster):
         busy.listen()
         result = run(START, env)
     assert result.returncode != 0
-    assert f"port {env['CLUSTER_MLFLOW_PORT']}" in result.stderr
+    assert result.stderr.strip().splitlines() == [
+        f"clusters/local/start.sh: port {env['CLUSTER_MLFLOW_PORT']} is already in use (set the CLUSTER_*_PORT variables)"]
     state = Path(env["CLUSTER_STATE_DIR"])
     assert not (state / "ray.pid").exists() and not (state / "mlflow.pid").exists()
 

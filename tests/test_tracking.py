@@ -20,3 +20,11 @@ def test_processes_opening_a_new_sqlite_store_at_once_all_succeed(tmp_path):
         ids = pool.map(_open_and_create, [(uri, f"exp{i}") for i in range(4)])
     assert len(set(ids)) == 4
     assert {e.name for e in client(uri).search_experiments()} >= {f"exp{i}" for i in range(4)}
+
+
+def test_the_last_line_says_how_to_open_the_runs():
+    from pipeline.tracking import how_to_open
+
+    assert how_to_open("http://127.0.0.1:5000/") == "MLflow: http://127.0.0.1:5000  (open it in a browser)"
+    assert how_to_open("sqlite:////w/mlflow.db") == (
+        "MLflow: sqlite:////w/mlflow.db  (mlflow ui --backend-store-uri sqlite:////w/mlflow.db, then open http://127.0.0.1:5000)")

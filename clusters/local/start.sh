@@ -59,7 +59,10 @@ for port in "$RAY_PORT" "$DASHBOARD_PORT" "$CLIENT_PORT" "$AGENT_PORT" "$MLFLOW_
 import socket, sys
 with socket.socket() as s:
     s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    s.bind(("", int(sys.argv[1])))
+    try:
+        s.bind(("", int(sys.argv[1])))
+    except OSError:
+        sys.exit(1)  # the one line is die's
 EOF
 done
 
@@ -83,12 +86,17 @@ MLFLOW_URI="http://$HOST:$MLFLOW_PORT"
 DASHBOARD_URL="http://$HOST:$DASHBOARD_PORT"
 GCS_ADDRESS="$HOST:$RAY_PORT"
 export MLFLOW_TRACKING_URI="$MLFLOW_URI"
+# Absolute values only: env.sh works sourced from any directory. The venv's bin/ goes first on
+# PATH (`ray job submit` is the venv's); the submitting side skips .gitignore files (Ray would
+# log a line for each it reads): clusters/runtime_env.yaml's excludes list what to leave out.
 {
+    if [[ -x "$VENV/bin/ray" ]]; then echo "export PATH=$VENV/bin:\$PATH"; fi
     echo "export RAY_ADDRESS=$GCS_ADDRESS"
     echo "export RAY_API_SERVER_ADDRESS=$DASHBOARD_URL"
     echo "export RAY_AUTH_MODE=token"
     if [[ -n "${RAY_AUTH_TOKEN_PATH:-}" ]]; then echo "export RAY_AUTH_TOKEN_PATH=$RAY_AUTH_TOKEN_PATH"; fi
     echo "export MLFLOW_TRACKING_URI=$MLFLOW_URI"
+    echo "export RAY_RUNTIME_ENV_IGNORE_GITIGNORE=1"
 } >"$STATE_DIR/env.sh"
 
 on_error() {
