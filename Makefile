@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: full test test-slow lint bench venv clean
+.PHONY: full test test-slow test-faults lint bench venv clean
 
 # The venv is rebuilt only when pyproject.toml changes (idempotent and fast when present).
 $(STAMP): pyproject.toml
@@ -29,6 +29,9 @@ lint: $(STAMP)
 
 test-slow: $(STAMP)
 	$(BIN)/python -m pytest -m slow $(ARGS)
+
+test-faults: $(STAMP)
+	$(BIN)/python -m pytest -m faults $(ARGS)
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_ga_rpn.py $(if $(wildcard runs/default/summary.json),--trained runs/default)

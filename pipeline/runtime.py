@@ -15,6 +15,7 @@ from urllib.parse import urlparse
 import torch
 
 ENV = "RAY_ADDRESS"
+PREEMPTION_WATCHER_ENV = "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"  # Ray Train V2's switch (kept on clusters)
 logger = logging.getLogger(__name__)
 
 
@@ -54,6 +55,9 @@ def init_ray() -> bool:
     if address:
         ray.init(address=address, log_to_driver=True)
     else:
+        # One machine is never preempted: no preemption watcher, whose start-up logs an
+        # error-level core_worker line in every training ("constructor arguments in the object store").
+        os.environ.setdefault(PREEMPTION_WATCHER_ENV, "0")
         ray.init(log_to_driver=True)
     # Ray's core worker installs absl's failure signal handler, which on SIGTERM prints a stack
     # and kills the driver without running any Python: no MLflow run would be ended. SIGTERM goes

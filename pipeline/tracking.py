@@ -254,6 +254,8 @@ class Tracker:
         return run.info.run_id
 
     def finish_node(self, run_id: str, metrics: Mapping[str, float], artifacts: Iterable[Path] = (), ok: bool = True) -> None:
+        if run_id not in self._open:  # already ended as KILLED (``close_open``): the node's thread failed after
+            return
         self.log(run_id, metrics, artifacts=artifacts)
         self._terminate(run_id, "FINISHED" if ok else "FAILED")
 

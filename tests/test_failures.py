@@ -244,6 +244,7 @@ def test_runs_left_running_are_ended(tmp_path):
     done = tracker.start_node("data", "d" * 20, {})
     tracker.finish_node(done, {})
     tracker.close_open()  # an interrupted invocation
+    tracker.finish_node(node, {}, ok=False)  # the node's thread fails after the interruption: stays KILLED
     assert [tracker.run_record(r)[0] for r in (parent, node, done)] == ["KILLED", "KILLED", "FINISHED"]
 
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
