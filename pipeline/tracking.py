@@ -35,6 +35,9 @@ HTTP_LIMITS = {"MLFLOW_HTTP_REQUEST_TIMEOUT": "15", "MLFLOW_HTTP_REQUEST_MAX_RET
                "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1"}
 for _name, _value in HTTP_LIMITS.items():
     os.environ.setdefault(_name, _value)
+# MLflow prints "View run ... at: <url>" lines for every run ended on a tracking server (one per
+# node, mid-progress); the run's own last line says where the runs are (``how_to_open``).
+os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
 _MAX_PARAM = 500  # characters kept of one param value
 _MAX_TAG = 5000  # characters kept of one tag value
 

@@ -90,6 +90,8 @@ def test_ray_job_submit_smoke_preset_logs_runs_to_mlflow_server(local_cluster, t
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=1200)
     log = submit.stdout + submit.stderr
     assert submit.returncode == 0, log[-6000:]
+    for noise in ("Ignoring upload", "View run"):  # lines users read as failures
+        assert noise not in log, noise
 
     # The job API itself, with the cluster's token (it answers 401 without one).
     token = Path(env["RAY_AUTH_TOKEN_PATH"]).read_text().strip()
