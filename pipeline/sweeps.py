@@ -135,6 +135,7 @@ _ALL_FIXES = {k: v for fix in _FIXES.values() for k, v in fix.items()}
 _FIDELITY = Axis("fidelity", (
     Choice("preset", {}, {"fidelity": "preset"}),
     *(Choice(name, fix, {"fidelity": name}) for name, fix in _FIXES.items()),
+    Choice("centre+beta", {**_FIXES["centre"], **_FIXES["beta"]}, {"fidelity": "centre+beta"}),
     Choice("all", _ALL_FIXES, {"fidelity": "all"}),
     Choice("all+K15", {**_ALL_FIXES, "proposer.approx_samples": 15}, {"fidelity": "all+K15"}),
 ))
@@ -167,7 +168,7 @@ SWEEPS: dict[str, Sweep] = {s.name: s for s in (
           base={"detector.finetune": []},
           paper=lambda p: _ap(paper.TABLE7.get((p["proposer"], p["num_proposals"], p["rcnn_iou"])))),
     Sweep("fidelity", "GA-RPN with the preset's conventions, then with the reference's centre convention, shape-loss "
-          "normalisation or box-loss beta alone, all three, and all three with K = 15 (meant for --seeds 3)",
+          "normalisation or box-loss beta alone, centre + beta, all three, and all three with K = 15 (meant for --seeds 3)",
           (_FIDELITY,), paper=lambda p: paper.TABLE1["GA-RPN"]),
 )}
 
