@@ -121,7 +121,7 @@ def test_deterministic_training_failure_fails_once_with_its_cause(tmp_path):
     """A non-finite loss is not retried: one attempt, and the cause on the last line."""
     workdir = tmp_path / "work"
     proc = subprocess.run(pipeline("run", "train", "--variant", "rpn", "--preset", "smoke", "--workdir", str(workdir),
-                                   "--set", "train.lr=1e12", "--set", "train.max_failures=3"),
+                                   "--set", "train.lr=1000000000000.0", "--set", "train.max_failures=3"),
                           cwd=ROOT, env=environment(), capture_output=True, text=True, timeout=900)
     output = proc.stdout + proc.stderr
     assert proc.returncode == 1

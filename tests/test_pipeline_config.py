@@ -55,6 +55,15 @@ def test_overrides_are_typed():
     assert cfg.data.synthetic_sizes()["num_train"] == 5
 
 
+def test_numbers_in_exponent_notation_are_numbers():
+    assert resolve("smoke", ["train.lr=1e-3"]).train.lr == 0.001  # YAML 1.1 alone would read a string
+    assert resolve("smoke", ["train.lr=2E2"]).train.lr == 200.0
+    with pytest.raises(ConfigError, match="train.lr: expected a number, got 'fast'"):
+        resolve("smoke", ["train.lr=fast"])
+    with pytest.raises(ConfigError, match="train.lr: expected a finite number, got inf"):
+        resolve("smoke", ["train.lr=inf"])
+
+
 @pytest.mark.parametrize("override, message", [
     ("train.epoch=3", "unknown config key 'train.epoch'"),
     ("trian.epochs=3", "unknown config key 'trian'"),
