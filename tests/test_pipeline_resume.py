@@ -57,10 +57,12 @@ def run_statuses(workdir: Path) -> dict[str, list[str]]:
     return out
 
 
-def wait_for_checkpoint(proc: subprocess.Popen, workdir: Path, epoch: int = 1, seconds: float = 300) -> None:
+def wait_for_checkpoint(proc: subprocess.Popen, workdir: Path, epoch: int = 1, seconds: float = 300,
+                        log: Path | None = None) -> None:
     deadline = time.time() + seconds
     while not list(workdir.glob(f"_ray_train/*/epoch_{epoch:04d}")):
-        assert proc.poll() is None, "the pipeline ended before its checkpoint"
+        assert proc.poll() is None, "the pipeline ended before its checkpoint" + (
+            f":\n{log.read_text()[-3000:]}" if log else "")
         assert time.time() < deadline, f"no checkpoint of epoch {epoch} within {seconds} s"
         time.sleep(0.5)
 
@@ -69,12 +71,12 @@ def test_sigterm_ends_the_run_and_its_mlflow_runs_at_once(tmp_path):
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI")}
     args = [sys.executable, "-m", "pipeline", "run", "train", "--variant", "rpn", "--preset", "smoke",
             "--workdir", str(tmp_path), "--set", "train.epochs=20"]
-    proc = subprocess.Popen(args, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
+    log = tmp_path / "run.log"
+    proc = subprocess.Popen(args, cwd=ROOT, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True)
     try:
-        wait_for_checkpoint(proc, tmp_path)
+        wait_for_checkpoint(proc, tmp_path, log=log)
         proc.send_signal(signal.SIGTERM)  # as a batch scheduler or `kill` does
-        _, stderr = proc.communicate(timeout=120)
+        proc.wait(timeout=120)
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
@@ -82,4 +84,4 @@ def test_sigterm_ends_the_run_and_its_mlflow_runs_at_once(tmp_path):
     assert proc.returncode != 0
     assert not list(tmp_path.glob("train/*/manifest.json"))
     statuses = run_statuses(tmp_path)
-    assert statuses["run smoke"] == ["KILLED"] and statuses["train/rpn"] == ["KILLED"], stderr[-2000:]
+    assert statuses["run smoke"] == ["KILLED"] and statuses["train/rpn"] == ["KILLED"], log.read_text()[-2000:]
