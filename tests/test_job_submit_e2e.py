@@ -59,9 +59,9 @@ def local_cluster(tmp_path_factory, free_ports):
         assert started.returncode == 0, (
             f"start.sh failed:\n{started.stderr}\n--- ray.log\n{tail(state / 'ray.log')}"
             f"\n--- mlflow.log\n{tail(state / 'mlflow.log')}")
-        for line in (state / "env.sh").read_text().splitlines():
+        for line in (state / "env.sh").read_text().splitlines():  # as `source` would: $PATH expanded
             key, _, value = line.removeprefix("export ").partition("=")
-            env[key] = value
+            env[key] = value.replace("$PATH", env.get("PATH", ""))
         yield {"env": env, "dashboard": f"http://127.0.0.1:{dashboard}",
                "mlflow": f"http://127.0.0.1:{mlflow}", "state": state}
     finally:
