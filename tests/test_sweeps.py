@@ -36,10 +36,12 @@ def test_every_named_grid_expands_to_its_documented_trials():
     assert [t.values.get("proposer.rpn_anchor_scales") for t in expand(SWEEPS["table1"], 0)] == [None, 3, None]
     assert [len(expand(s, 0)) for s in SWEEPS.values()] == [3, 5, 3, 5, 5, 6, 4, 8, 7]
     fidelity = {t.point: t.values for t in expand(SWEEPS["fidelity"], 0)}
-    assert list(fidelity) == ["preset", "centre", "shape_norm", "beta", "centre+beta", "all", "all+K15"] and fidelity["preset"] == {
-        "detector.variants": [], "detector.finetune": []}
+    assert list(fidelity) == ["preset", "centre", "shape_norm", "beta", "centre+beta", "all", "all+K15"]
+    assert fidelity["preset"] == {"detector.variants": [], "detector.finetune": [], "proposer.anchor_center_offset": 0.5,
+                                  "proposer.location_targets_follow_offset": False, "proposer.shape_loss_norm": "positives",
+                                  "proposer.ga_reg_beta": 1 / 9}  # the conventions before issue 11, whatever the preset says
     assert fidelity["all+K15"] == {**fidelity["all"], "proposer.approx_samples": 15}
-    assert fidelity["centre+beta"] == {k: v for k, v in fidelity["all"].items() if k != "proposer.shape_loss_norm"}
+    assert fidelity["centre+beta"] == {**fidelity["all"], "proposer.shape_loss_norm": "positives"}
     assert {k for k in fidelity["all"] if k.startswith("proposer.")} == {
         "proposer.anchor_center_offset", "proposer.location_targets_follow_offset", "proposer.shape_loss_norm",
         "proposer.ga_reg_beta"}
@@ -94,9 +96,9 @@ def test_planned_trials_reuse_what_they_share_and_target_the_swept_node():
     assert table1[0].keys["train/rpn"] == full["train/rpn"] and table1[4].keys["train/ga_rpn"] == full["train/ga_rpn"]
     assert len({p.keys["train/rpn"] for p in table1[:4]}) == 4  # two seeds x two anchor settings
 
-    # the fidelity fixes: seven GA-RPN trainings, the first one `pipeline full`'s; never the RPN's
+    # the fidelity fixes: seven GA-RPN trainings, "beta" the default preset's (`pipeline full`'s); never the RPN's
     fixes = plan_trials(SWEEPS["fidelity"], expand(SWEEPS["fidelity"], 0), "default", [], base)
-    assert {p.targets for p in fixes} == {("eval_proposals/ga_rpn",)} and fixes[0].keys["train/ga_rpn"] == full["train/ga_rpn"]
+    assert {p.targets for p in fixes} == {("eval_proposals/ga_rpn",)} and fixes[3].keys["train/ga_rpn"] == full["train/ga_rpn"]
     assert len({p.keys["train/ga_rpn"] for p in fixes}) == 7 and "train/rpn" not in {n for p in fixes for n in p.targets}
 
     table7 = plan_trials(SWEEPS["proposals"], expand(SWEEPS["proposals"], 0), "default", [], base)
