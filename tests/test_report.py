@@ -148,7 +148,7 @@ def test_sweeps_without_a_paper_table_get_their_own():
                                                                 "AR_1000_extra": 1.0}, "run_id": "g0"},))
     tables = build_tables(CFG, no_results(), [sweep_record("fidelity"), grid], "w")
     fidelity, adhoc = tables[-2:]
-    assert [r.label for r in fidelity.rows] == ["preset", "centre", "shape_norm", "beta", "all", "all+K15"]
+    assert [r.label for r in fidelity.rows] == ["preset", "centre", "shape_norm", "beta", "centre+beta", "all", "all+K15"]
     assert fidelity.columns[:3] == ("AR_100", "AR_300", "AR_1000") and fidelity.stat("all", "AR_1000").mean == 50.0
     assert adhoc.title == "Sweep grid (kkkkkkkkkkkk)" and adhoc.columns == ("AR_1000", "anchors_per_image")
 
