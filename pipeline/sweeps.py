@@ -171,8 +171,9 @@ SWEEPS: dict[str, Sweep] = {s.name: s for s in (
           (_TABLE7_PROPOSER, _TABLE7_PROPOSALS, _TABLE7_IOU), target="eval_detector/fast_rcnn_{proposer}",
           base={"detector.finetune": []},
           paper=lambda p: _ap(paper.TABLE7.get((p["proposer"], p["num_proposals"], p["rcnn_iou"])))),
-    Sweep("fidelity", "GA-RPN with the conventions the default preset had before issue 11, then with the reference's centre convention, shape-loss "
-          "normalisation or box-loss beta alone, centre + beta, all three, and all three with K = 15 (meant for --seeds 3)",
+    Sweep("fidelity", "GA-RPN with the conventions the default preset had before issue 11, then with the reference's "
+          "centre convention, shape-loss normalisation or box-loss beta alone, centre + beta, all three, and all three "
+          "with K = 15 (meant for --seeds 3)",
           (_FIDELITY,), paper=lambda p: paper.TABLE1["GA-RPN"]),
 )}
 
