@@ -247,7 +247,7 @@ def test_code_defaults_are_the_consistent_reference_choices_and_the_default_pres
     from pipeline.config import resolve
 
     for cfg, expected in ((small(), (0.0, True, "reference", 1.0)),
-                          (resolve("default").proposer_for("ga_rpn"), (0.5, False, "positives", 1 / 9))):
+                          (resolve("default").proposer_for("ga_rpn"), (0.0, True, "positives", 1.0))):
         network = build_proposal_network(cfg, 32)
         g = network.guidance
         assert (g.center_offset, g.targets_follow_offset, g.shape_loss_norm, network.reg_beta) == pytest.approx(expected)
