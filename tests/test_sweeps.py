@@ -96,9 +96,9 @@ def test_planned_trials_reuse_what_they_share_and_target_the_swept_node():
     assert table1[0].keys["train/rpn"] == full["train/rpn"] and table1[4].keys["train/ga_rpn"] == full["train/ga_rpn"]
     assert len({p.keys["train/rpn"] for p in table1[:4]}) == 4  # two seeds x two anchor settings
 
-    # the fidelity fixes: seven GA-RPN trainings, "beta" the default preset's (`pipeline full`'s); never the RPN's
+    # the fidelity fixes: seven GA-RPN trainings, "centre+beta" the default preset's (`pipeline full`'s); never the RPN's
     fixes = plan_trials(SWEEPS["fidelity"], expand(SWEEPS["fidelity"], 0), "default", [], base)
-    assert {p.targets for p in fixes} == {("eval_proposals/ga_rpn",)} and fixes[3].keys["train/ga_rpn"] == full["train/ga_rpn"]
+    assert {p.targets for p in fixes} == {("eval_proposals/ga_rpn",)} and fixes[4].keys["train/ga_rpn"] == full["train/ga_rpn"]
     assert len({p.keys["train/ga_rpn"] for p in fixes}) == 7 and "train/rpn" not in {n for p in fixes for n in p.targets}
 
     table7 = plan_trials(SWEEPS["proposals"], expand(SWEEPS["proposals"], 0), "default", [], base)
