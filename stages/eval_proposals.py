@@ -21,6 +21,7 @@ from stages.metrics import (
     anchors_per_image,
     evaluate_proposals,
     load_ground_truth,
+    recall_by_aspect,
     recall_curves,
 )
 from stages.plots import save_png
@@ -63,13 +64,15 @@ def evaluate(
     ``num_anchors``/``seconds``: per-image anchor counts and inference seconds of the producer.
     Returns AR_100, AR_300, AR_1000, AR_S, AR_M, AR_L (fractions), anchors_per_image (mean, and
     its median/min/max), seconds_per_image (mean), proposals_per_image (mean boxes the model
-    output), recall_iou50 and recall_iou70 (recall at IoU 0.5 and 0.7 with 1000 proposals).
+    output), recall_iou50 and recall_iou70 (recall at IoU 0.5 and 0.7 with 1000 proposals), and
+    AR_1000_tall/_square/_wide (``stages.metrics.recall_by_aspect``).
     """
     out_dir = Path(out_dir)
     cache = ProposalCache(cache_root)
     proposals = {i: (boxes, scores) for i, (boxes, scores, _) in cache.read_all().items()}
     gt = load_ground_truth(ann_file)
     metrics = evaluate_proposals(gt, proposals)
+    metrics.update(recall_by_aspect(gt, proposals))
     metrics.update(anchors_per_image(num_anchors))
     metrics["seconds_per_image"] = statistics.fmean(seconds) if seconds else float("nan")
     metrics["proposals_per_image"] = statistics.fmean(len(boxes) for boxes, _ in proposals.values()) if proposals else 0.0

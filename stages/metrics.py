@@ -42,6 +42,8 @@ AREA_RANGES: dict[str, tuple[float, float]] = {
     "medium": (32.0**2, 96.0**2),
     "large": (96.0**2, 1e10),
 }
+# Ground-truth aspect-ratio bins by h / w of the bbox: tall h/w > 2, wide h/w < 1/2, square between.
+ASPECT_RANGES: dict[str, tuple[float, float]] = {"tall": (2.0, math.inf), "square": (0.5, 2.0), "wide": (0.0, 0.5)}
 CURVE_NUM_PROPOSALS: tuple[int, ...] = (10, 20, 50, 100, 200, 300, 500, 1000)
 CURVE_IOUS: tuple[float, ...] = (0.5, 0.7)  # recall-vs-#proposals at these single IoUs, besides the 0.5:0.95 mean
 DETECTION_STATS: tuple[str, ...] = ("AP", "AP50", "AP75", "AP_S", "AP_M", "AP_L")  # COCOeval.stats[0:6]
@@ -80,6 +82,37 @@ def evaluate_proposals(
         AR_L=ar[areas.index("large"), at100],
     )
     return {k: float(v) for k, v in out.items()}
+
+
+def recall_by_aspect(
+    ann_file: str | os.PathLike | COCO,
+    proposals: Mapping[int, tuple[np.ndarray, np.ndarray]],
+    num_proposals: int = max(PROPOSAL_MAX_DETS),
+) -> dict[str, float]:
+    """Average recall at ``num_proposals`` per ground-truth aspect-ratio bin of ``ASPECT_RANGES``.
+
+    Returns ``AR_<num_proposals>_tall``, ``_square``, ``_wide`` (fractions, ``nan`` for a bin with
+    no ground truth). Each bin is one ``COCOeval`` run in which the boxes outside the bin are
+    crowd boxes (pycocotools reads its ignore flag from ``iscrowd``): they neither count as missed
+    nor take a proposal from a box of the bin (the matcher prefers boxes that are not ignored).
+    """
+    gt = load_ground_truth(ann_file)
+    ids = _image_subset(gt, None)
+    entries = _validate(gt, proposals, with_labels=False)
+    out = {}
+    for name, (low, high) in ASPECT_RANGES.items():
+        anns = []
+        for ann in gt.dataset["annotations"]:
+            _, _, w, h = ann["bbox"]
+            inside = w > 0 and low <= h / w < high
+            anns.append({**ann, "iscrowd": int(bool(ann["iscrowd"]) or not inside)})
+        binned = COCO()
+        binned.dataset = {**gt.dataset, "annotations": anns}
+        with quiet():
+            binned.createIndex()
+        recall = _proposal_recall(binned, entries, ids, (num_proposals,), (AREA_RANGES["all"],))  # [T, 1, 1]
+        out[f"AR_{num_proposals}_{name}"] = float(_mean_over_iou(recall)[0, 0])
+    return out
 
 
 def recall_curves(

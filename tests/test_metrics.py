@@ -10,7 +10,14 @@ import pytest
 
 from stages import metrics
 from stages.coco import DatasetError
-from stages.metrics import anchors_per_image, evaluate_detections, evaluate_proposals, load_ground_truth, recall_curves
+from stages.metrics import (
+    anchors_per_image,
+    evaluate_detections,
+    evaluate_proposals,
+    load_ground_truth,
+    recall_by_aspect,
+    recall_curves,
+)
 
 
 def write_coco(path, boxes_per_image, *, size=1000, crowd=(), categories=(1, 2)):
@@ -142,6 +149,20 @@ def test_area_ranges_use_ground_truth_area(tmp_path):
 def test_crowd_boxes_are_not_counted(tmp_path):
     ann = write_coco(tmp_path / "a.json", [[GT_BOX, (500, 500, 600, 600)]], crowd={2})
     assert evaluate_proposals(ann, {1: props(GT_BOX)})["AR_100"] == 1.0
+
+
+def test_recall_by_aspect_counts_each_bin_alone(tmp_path):
+    tall, square, wide = (100, 100, 130, 200), GT_BOX, (300, 300, 500, 350)  # h/w 3.3, 1, 0.25
+    ann = write_coco(tmp_path / "a.json", [[tall, square], [wide, (0, 0, 10, 10)]], crowd={4})
+    # one proposal per image: the tall box (IoU 0.3 with the square one) and the wide one
+    result = recall_by_aspect(ann, {1: props(tall), 2: props(wide)})
+    assert result == {"AR_1000_tall": 1.0, "AR_1000_square": 0.0, "AR_1000_wide": 1.0}  # the crowd box counts nowhere
+    # a proposal at IoU 0.8 with a wide box and 0.5 with a square one: in the square bin it is the
+    # square box's (threshold 0.5 of ten), not lost to the ignored wide box; a bin without boxes is nan
+    ann = write_coco(tmp_path / "b.json", [[square, (100, 100, 200, 140)]])
+    shared = recall_by_aspect(ann, {1: props((100, 100, 200, 150))}, num_proposals=100)
+    assert shared["AR_100_square"] == pytest.approx(0.1) and shared["AR_100_wide"] == pytest.approx(0.7)
+    assert math.isnan(shared["AR_100_tall"]) and evaluate_proposals(ann, {1: props((100, 100, 200, 150))})["AR_100"] == pytest.approx(0.35)
 
 
 def test_proposals_are_class_agnostic(tmp_path):

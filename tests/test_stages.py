@@ -4,6 +4,7 @@ Ray or MLflow: the smoke chain data -> train -> proposals -> eval_proposals, the
 reading only what the previous ones returned."""
 
 import json
+import math
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -101,6 +102,9 @@ def test_eval_proposals_stage(chain):
     # the single-IoU recalls at 1000 proposals, from the curves; the boxes the model output per image
     curves = json.loads((out.dir / "curves.json").read_text())
     assert result.metrics["recall_iou50"] == curves["recall_vs_proposals"]["0.50"][-1] >= result.metrics["recall_iou70"]
+    # AR@1000 per ground-truth aspect-ratio bin: each in [0, 1] (or nan), the pooled AR_1000 at most the best bin's
+    bins = [result.metrics[f"AR_1000_{name}"] for name in ("tall", "square", "wide")]
+    assert all(0.0 <= b <= 1.0 for b in bins if not math.isnan(b)) and result.metrics["AR_1000"] <= max(bins) + 1e-9
     cache = ProposalCache(chain["proposals/ga_rpn"][1].dir / chain["proposals/ga_rpn"][2].outputs["caches"]["val"])
     counts = [len(boxes) for boxes, _, _ in cache.read_all().values()]
     assert result.metrics["proposals_per_image"] == pytest.approx(sum(counts) / len(counts)) and 0 < max(counts) <= 1000
