@@ -6,6 +6,7 @@ import json
 import logging
 import sys
 
+import pytest
 import torch
 from ray import cloudpickle
 
@@ -53,6 +54,7 @@ def make_loop(out_dir, ann, root):
     return loop
 
 
+@pytest.mark.slow  # trains; `make test-slow`
 def test_two_workers_disjoint_halves_and_resume(ray_session, tmp_path):
     ann, root = synthetic.generate(tmp_path / "data", 8, 64, seed=3)
     records = tmp_path / "records"

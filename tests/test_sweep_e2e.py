@@ -72,6 +72,7 @@ def sweep_parent(runs, command):
     return found[0]
 
 
+@pytest.mark.slow  # trains; `make test-slow`
 def test_a_training_sweep_runs_on_tune_and_a_second_run_runs_nothing(sweep, coco):
     workdir, run = sweep
     assert run("--grid", "proposer.approx_samples=3,9", "--set", f"data.val_ann={coco['val_ann']}") == 0
@@ -111,6 +112,7 @@ def test_a_training_sweep_runs_on_tune_and_a_second_run_runs_nothing(sweep, coco
     assert "done (earlier run)" in (sweep_files(workdir, parent) / "table.md").read_text()
 
 
+@pytest.mark.slow  # trains; `make test-slow`
 def test_four_concurrent_trials_with_seeds_lose_no_run_or_metric(sweep, coco):
     workdir, run = sweep
     assert run("--grid", "proposer.loc_threshold=0.0,0.05", "--seeds", "2", "--set", "sweep.max_concurrent_trials=4",
@@ -166,11 +168,10 @@ def test_a_failed_trial_is_reported_and_does_not_sink_the_sweep(sweep, coco, cap
     assert parent.info.status == "FAILED"
     trials = {r.data.params["val_ann"]: r for r in children(runs, parent) if "trial_key" in r.data.tags}
     good, bad = trials[str(coco["val_ann"])], trials[str(coco["broken"])]
-    # the good trial is the first test's approx_samples=9 trial: all cached, metrics still recorded
-    assert good.info.status == "FINISHED" and good.data.tags["cache_hit"] == "true"
-    producer = [r for r in runs if r.info.run_id == good.data.tags["produced_by_run_id"]][0]
-    assert producer.data.tags["node"] == "eval_proposals/ga_rpn" and producer.data.tags["cache_hit"] == "false"
-    assert good.data.metrics["AR_1000"] == pytest.approx(producer.data.metrics["AR_1000"])
+    # the good trial's metrics are those its evaluation node committed (run here, or cached by an earlier test)
+    committed = [json.loads(p.read_text())["metrics"] for p in workdir.glob("eval_proposals/*/manifest.json")]
+    assert good.info.status == "FINISHED" and good.data.metrics["AR_1000"] >= 0.0
+    assert any(m["AR_1000"] == pytest.approx(good.data.metrics["AR_1000"]) for m in committed)
     assert bad.info.status == "FAILED"
     assert "data: DatasetError" in bad.data.tags["error"] and str(coco["broken"]) in bad.data.tags["error"]
     rows = json.loads((sweep_files(workdir, parent) / "table.json").read_text())["trials"]
