@@ -263,7 +263,7 @@ def _coerce(value, hint, key: str):
                 return _coerce(value, a, key)
             except ConfigError as e:
                 errors.append(str(e))
-        raise errors[0] if len(inner) == 1 else ConfigError(f"{key}: expected {_name(hint)}, got {value!r}")
+        raise ConfigError(errors[0] if len(inner) == 1 else f"{key}: expected {_name(hint)}, got {value!r}")
     if origin is typing.Literal:
         if value not in args:
             raise ConfigError(f"{key}: expected one of {list(args)}, got {value!r}")
