@@ -110,14 +110,17 @@ def test_raycluster_has_cpu_head_gpu_workers_and_token_auth():
     assert gpu_groups[0]["maxReplicas"] >= 8, "coco_r50 trains on 8 GPU workers"
 
 
-def test_every_ray_pod_mounts_the_shared_pvc_and_points_at_the_mlflow_service():
+def test_every_ray_pod_mounts_the_shared_pvc_and_takes_mlflow_from_a_secret():
     spec = load("kuberay/raycluster.yaml")["spec"]
     pvc = load("kuberay/storage.yaml")
     assert pvc["kind"] == "PersistentVolumeClaim"
     assert pvc["spec"]["accessModes"] == ["ReadWriteMany"], "all pods write the same store"
-    mlflow = load_all("kuberay/mlflow.yaml")
-    service = mlflow["Service"]
+    service = load_all("kuberay/mlflow.yaml")["Service"]
     mlflow_uri = f"http://{service['metadata']['name']}:{service['spec']['ports'][0]['port']}"
+    # the README's command creates the Secret with the in-cluster server's URI
+    assert f"kubectl create secret generic ga-mlflow --from-literal=MLFLOW_TRACKING_URI={mlflow_uri}" in (
+        CLUSTERS / "README.md").read_text()
+    assert spec["headGroupSpec"]["serviceType"] == "ClusterIP", "the dashboard is never exposed outside the cluster"
 
     groups = [spec["headGroupSpec"], *spec["workerGroupSpecs"]]
     for group, (name, container) in zip(groups, ray_containers(spec).items()):
@@ -126,7 +129,9 @@ def test_every_ray_pod_mounts_the_shared_pvc_and_points_at_the_mlflow_service():
                   for v in pod["volumes"] if "persistentVolumeClaim" in v}
         mounts = {m["mountPath"]: m["name"] for m in container["volumeMounts"]}
         assert claims.get(mounts.get("/mnt/shared")) == pvc["metadata"]["name"], name
-        assert env_of(container)["MLFLOW_TRACKING_URI"] == mlflow_uri, name
+        # MLflow's URI and credentials come from the Secret only, never as inline text
+        assert container["envFrom"] == [{"secretRef": {"name": "ga-mlflow"}}], name
+        assert not any(k.startswith("MLFLOW_") for k in env_of(container)), name
 
 
 def test_mlflow_server_manifest():
