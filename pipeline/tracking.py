@@ -184,7 +184,8 @@ def backfill_epochs(uri: str, run_id: str, history: Sequence[Mapping[str, float]
                        node_id, uri, len(missing) or "the", type(e).__name__, str(e).splitlines()[0] if str(e) else "")
         return len(missing)
     if missing:
-        logger.info("[%s] sent the metrics of %d epochs that MLflow missed during training", node_id, len(missing))
+        logger.info("[%s] sent the metrics of %d epoch%s that MLflow missed during training", node_id, len(missing),
+                    "" if len(missing) == 1 else "s")
     return len(missing)
 
 

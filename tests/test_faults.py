@@ -143,35 +143,12 @@ def test_deterministic_training_failure_fails_once_with_its_cause(tmp_path):
     assert not list(workdir.glob("train/*/manifest.json"))
 
 
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def test_an_mlflow_outage_during_training_loses_no_work(tmp_path):
-    port = free_port()
-    uri = f"http://127.0.0.1:{port}"
-    server_cmd = [str(Path(sys.executable).parent / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port),
-                  "--workers", "1", "--backend-store-uri", f"sqlite:///{tmp_path / 'mlflow.db'}",
-                  "--artifacts-destination", str(tmp_path / "mlartifacts")]
-    server = start(server_cmd, environment(), tmp_path / "mlflow.log")
+def test_an_mlflow_outage_during_training_loses_no_work(tmp_path, mlflow_server):
+    server, uri = mlflow_server()
     workdir = tmp_path / "work"
     log = tmp_path / "run.log"
     proc = None
     try:
-        import urllib.request
-
-        def healthy() -> bool:
-            try:
-                with urllib.request.urlopen(f"{uri}/health", timeout=2):
-                    return True
-            except OSError:
-                return False
-
-        wait_for(server, healthy, "the MLflow server", seconds=300)  # slow to start on a busy 2-core machine
         command = pipeline("run", "train", "--variant", "rpn", "--preset", "smoke", "--workdir", str(workdir),
                            "--set", "train.epochs=3")
         proc = start(command, environment(MLFLOW_TRACKING_URI=uri), log)
@@ -179,7 +156,6 @@ def test_an_mlflow_outage_during_training_loses_no_work(tmp_path):
         kill_group(server)  # the tracking server goes away mid-training
         proc.wait(timeout=900)
     finally:
-        kill_group(server)
         if proc is not None and proc.poll() is None:
             kill_group(proc)
     output = log.read_text()
@@ -190,3 +166,52 @@ def test_an_mlflow_outage_during_training_loses_no_work(tmp_path):
     assert "final metrics and artifacts" in summary["train/rpn"]["not_logged_to_mlflow"]
     history = json.loads(next(workdir.glob("train/*/history.json")).read_text())
     assert [h["epoch"] for h in history] == [1, 2, 3]  # every epoch's metrics kept in the node's output
+
+
+@pytest.fixture
+def small_store(tmp_path):
+    """A tmpfs for the artifact store whose size the test sets (``resize(bytes)``); skipped where
+    this process may not mount (not root, or no CAP_SYS_ADMIN)."""
+    store = tmp_path / "store"
+    store.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64m", "tmpfs", str(store)], capture_output=True, text=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.strip()}")
+
+    def resize(size: int) -> None:
+        subprocess.run(["mount", "-o", f"remount,size={size}", str(store)], check=True)
+
+    yield store, resize
+    subprocess.run(["umount", "-l", str(store)], check=False)
+
+
+def used_bytes(path: Path) -> int:
+    stat = os.statvfs(path)
+    return (stat.f_blocks - stat.f_bfree) * stat.f_frsize
+
+
+def test_a_full_store_fails_the_node_clearly_and_a_run_with_space_completes(tmp_path, small_store):
+    store, resize = small_store
+    workdir = tmp_path / "work"  # the workdir (summary, MLflow) stays on a disk with space
+    command = pipeline("run", "eval_proposals", "--variant", "rpn", "--preset", "smoke", "--workdir", str(workdir),
+                       "--store", str(store))
+    data = subprocess.run(pipeline("data", "--preset", "smoke", "--workdir", str(workdir), "--store", str(store)),
+                          cwd=ROOT, env=environment(), capture_output=True, text=True, timeout=600)
+    assert data.returncode == 0, data.stderr[-3000:]
+    resize(used_bytes(store) + 256 * 1024)  # the data fits; the first checkpoint of the training does not
+
+    full = subprocess.run(command, cwd=ROOT, env=environment(), capture_output=True, text=True, timeout=900)
+    assert full.returncode == 1, full.stderr[-3000:]
+    summary = json.loads((workdir / "summary.json").read_text())
+    assert "No space left on device" in summary["train/rpn"]["error"], summary["train/rpn"]
+    assert any("No space left on device" in line for line in full.stderr.strip().splitlines()[-5:]), full.stderr[-3000:]
+    assert summary["data"]["cached"] is True
+    assert not list(store.glob("train/*/manifest.json")), "the node that ran out of space must not be complete"
+
+    resize(256 * 1024 * 1024)
+    again = subprocess.run(command, cwd=ROOT, env=environment(), capture_output=True, text=True, timeout=900)
+    assert again.returncode == 0, again.stderr[-3000:]
+    summary = json.loads((workdir / "summary.json").read_text())
+    assert summary["data"]["cached"] is True and summary["train/rpn"]["cached"] is False
+    for stage in ("data", "train", "proposals", "eval_proposals"):
+        assert len(list(store.glob(f"{stage}/*/manifest.json"))) == 1, stage

@@ -5,9 +5,11 @@ Parquet cache and a real SQLite MLflow store, on a tiny COCO copy of the smoke d
    swept params and metrics; a second invocation runs nothing and adds no run;
 2. 2 points x 2 seeds with 4 trials at once: every run and metric is in the store, each point
    has an aggregate run over its seeds, the shared new training ran once;
-3. a grid where one trial's annotation file is broken: the other trial (all cached) still
-   records its metrics, pointing at the producing run; the broken one is reported with the
-   file in the table and in MLflow; the exit code is 1.
+3. a grid where one trial's annotation file is broken: the other trial still records its
+   metrics; the broken one is reported with the file in the table and in MLflow; the exit
+   code is 1;
+4. 8 trials at once, logging to the SQLite store and to an ``mlflow server``: every trial's
+   params and metrics are there exactly once.
 """
 
 import json
@@ -193,3 +195,40 @@ def test_a_shared_node_that_fails_fails_every_trial_needing_it_without_racing(sw
     for trial in trials:
         assert trial.info.status == "FAILED" and not children(runs, trial)  # never launched
         assert trial.data.tags["error"].startswith("shared node failed: data: DatasetError")
+
+
+@pytest.mark.slow  # trains once, then 8 inference trials; `make test-slow`
+@pytest.mark.parametrize("tracking", ["sqlite", "mlflow server"])
+def test_eight_concurrent_trials_log_every_param_and_metric_exactly_once(ray_session, coco, tmp_path, tracking,
+                                                                         mlflow_server, monkeypatch):
+    from mlflow import MlflowClient
+
+    workdir = tmp_path / "work"
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    if tracking == "sqlite":
+        monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+        uri = f"sqlite:///{workdir / 'mlflow.db'}"
+    else:
+        _, uri = mlflow_server()
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    thresholds = ["0.0", "0.005", "0.01", "0.02", "0.03", "0.05", "0.1", "0.2"]
+    grid = f"proposer.loc_threshold={','.join(thresholds)}"
+    assert main(["sweep", "--grid", grid, "--set", "sweep.max_concurrent_trials=8", "--preset", "smoke",
+                 "--workdir", str(workdir), *NO_DETECTORS, *coco["args"], "--set", f"data.val_ann={coco['val_ann']}"]) == 0
+
+    client = MlflowClient(uri)
+    runs = client.search_runs([client.get_experiment_by_name("ga-smoke").experiment_id], max_results=5000)
+    parent = sweep_parent(runs, f"pipeline sweep grid --grid {grid}")
+    trials = [r for r in children(runs, parent) if r.data.tags.get("sweep_run") == "trial"]
+    assert sorted(float(r.data.params["loc_threshold"]) for r in trials) == sorted(float(t) for t in thresholds)
+    shared = [r.data.tags["node"] for r in children(runs, parent) if "node" in r.data.tags]
+    assert sorted(shared) == ["data", "train/ga_rpn"]  # what every trial needs ran once, before them
+    for trial in trials:
+        assert trial.info.status == "FINISHED"
+        nodes = [r.data.tags["node"] for r in children(runs, trial)]
+        assert sorted(nodes) == ["eval_proposals/ga_rpn", "proposals/ga_rpn"]  # each node run once per trial
+        for name in ("AR_1000", "AR_100", "anchors_per_image", "AR_1000_tall"):
+            assert len(client.get_metric_history(trial.info.run_id, name)) == 1, (trial.info.run_name, name)
+        committed = [json.loads(p.read_text())["metrics"] for p in workdir.glob("eval_proposals/*/manifest.json")]
+        assert any(m["anchors_per_image"] == pytest.approx(trial.data.metrics["anchors_per_image"]) for m in committed)
+    assert len({r.data.metrics["anchors_per_image"] for r in trials}) > 1  # the trials measured different settings
