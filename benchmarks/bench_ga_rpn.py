@@ -77,22 +77,32 @@ def inference_seconds(model: torch.nn.Module, images: list[torch.Tensor]) -> tup
     return seconds, sum(anchors) / len(anchors)
 
 
-def trained_models(workdir: Path) -> dict[str, torch.nn.Module]:
-    """The newest trained rpn and ga_rpn models of a pipeline workdir (train/<key>/model.pt)."""
-    newest: dict[str, tuple[str, Path, dict]] = {}
+def trained_models(workdir: Path, preset: str = "default") -> dict[str, torch.nn.Module]:
+    """The rpn and ga_rpn models (train/<key>/model.pt) that `pipeline full --preset PRESET`
+    trains, from the workdir's store: for each, the newest training whose config slice is the
+    preset's (whatever code version trained it), so a sweep's trainings in the same store
+    (another lr, another seed) are never taken for it."""
+    from pipeline.config import resolve
+    from pipeline.dag import build_dag, keyed_slice
+
+    cfg = resolve(preset)
+    dag = build_dag(cfg, ("rpn", "ga_rpn"))
+    wanted = {kind: json.loads(json.dumps(keyed_slice(cfg, dag[f"train/{kind}"]))) for kind in ("rpn", "ga_rpn")}
+    newest: dict[str, tuple[float, Path, dict]] = {}
     for manifest_file in workdir.glob("train/*/manifest.json"):
         manifest = json.loads(manifest_file.read_text())
-        proposer = manifest["config"]["proposer"]
-        if proposer["kind"] not in newest or manifest["created"] > newest[proposer["kind"]][0]:
-            newest[proposer["kind"]] = (manifest["created"], manifest_file.parent / "model.pt", proposer)
+        kind = manifest["config"]["proposer"]["kind"]
+        if manifest["config"] == wanted.get(kind) and (kind not in newest or manifest["created"] > newest[kind][0]):
+            newest[kind] = (manifest["created"], manifest_file.parent / "model.pt", manifest["config"]["proposer"])
+    if set(newest) != {"rpn", "ga_rpn"}:
+        raise SystemExit(f"{workdir}: no trained {sorted({'rpn', 'ga_rpn'} - set(newest))} with the config of the "
+                         f"{preset} preset (run `python -m pipeline full --preset {preset} --workdir {workdir}`)")
     models = {}
     for kind, (_, weights, proposer) in newest.items():
         model = build_proposer(ProposerConfig(**proposer)).eval()
         state = torch.load(weights, map_location="cpu", weights_only=True)
         load_state_dict_checked(model, state.get("model", state), str(weights))
         models[kind] = model
-    if set(models) != {"rpn", "ga_rpn"}:
-        raise SystemExit(f"{workdir}: found trained models for {sorted(models)}, need rpn and ga_rpn")
     return models
 
 
