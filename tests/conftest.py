@@ -69,14 +69,14 @@ def mlflow_server(tmp_path, free_ports):
         proc = subprocess.Popen(command, env=env, stdout=(tmp_path / f"mlflow-{port}.log").open("w"),
                                 stderr=subprocess.STDOUT, start_new_session=True)
         started.append(proc)
-        deadline = time.time() + 300  # slow to start on a busy 2-core machine
+        deadline = time.time() + 600  # MLflow 3's server took over 5 min to start on a loaded 2-core machine
         while True:
             assert proc.poll() is None, f"mlflow server exited: {(tmp_path / f'mlflow-{port}.log').read_text()[-2000:]}"
             try:
                 with urllib.request.urlopen(f"{uri}/health", timeout=2):
                     return proc, uri
             except OSError:
-                assert time.time() < deadline, "the MLflow server did not answer /health within 300 s"
+                assert time.time() < deadline, "the MLflow server did not answer /health within 600 s"
                 time.sleep(0.2)
 
     yield start
