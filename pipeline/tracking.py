@@ -20,6 +20,7 @@ import subprocess
 import time
 import urllib.error
 import urllib.request
+import uuid
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from urllib.parse import urlparse
@@ -209,6 +210,20 @@ class Tracker:
         self.parent_id = parent_id  # node runs are nested under it
         self._open: set[str] = set()  # runs this tracker started and has not ended
 
+    def _create_run(self, name: str, tags: Mapping[str, str]):
+        """``client.create_run`` exactly once: MLflow's HTTP client retries a POST whose answer timed
+        out, and the server may have created the run the first time too. Every run carries a
+        ``pipeline_record`` tag of its own; any other run with that tag is such a twin and is
+        deleted, so each node, trial and parent appears once in the store."""
+        record = uuid.uuid4().hex
+        run = self.client.create_run(self.experiment_id, run_name=name, tags={**tags, "pipeline_record": record})
+        twins = self.client.search_runs([self.experiment_id], filter_string=f"tags.pipeline_record = '{record}'",
+                                        max_results=100)
+        for twin in twins:
+            if twin.info.run_id != run.info.run_id:
+                self.client.delete_run(twin.info.run_id)
+        return run
+
     def _started(self, run_id: str) -> str:
         self._open.add(run_id)
         return run_id
@@ -238,7 +253,7 @@ class Tracker:
         return reaped
 
     def start_parent(self, name: str, params: Mapping[str, object], config_file: Path | None = None) -> str:
-        run = self.client.create_run(self.experiment_id, run_name=name, tags=self.base_tags)
+        run = self._create_run(name, self.base_tags)
         self.parent_id = self._started(run.info.run_id)
         self._log_params(self.parent_id, params)
         if config_file is not None:
@@ -251,7 +266,7 @@ class Tracker:
         self._terminate(self.parent_id, "FINISHED" if ok else "FAILED")
 
     def start_node(self, node_id: str, key: str, params: Mapping[str, object]) -> str:
-        run = self.client.create_run(self.experiment_id, run_name=node_id, tags={
+        run = self._create_run(node_id, {
             **self.base_tags, "mlflow.parentRunId": self.parent_id, "node": node_id,
             "stage": node_id.split("/")[0], "cache_key": key, "cache_hit": "false"})
         self._log_params(self._started(run.info.run_id), params)
@@ -279,7 +294,7 @@ class Tracker:
 
     def record_cache_hit(self, node_id: str, key: str, params: Mapping[str, object], manifest: Mapping) -> str:
         """A nested run saying "reused": cache key, producer run id, the output's metrics."""
-        run = self.client.create_run(self.experiment_id, run_name=f"{node_id} (cached)", tags={
+        run = self._create_run(f"{node_id} (cached)", {
             **self.base_tags, "mlflow.parentRunId": self.parent_id, "node": node_id,
             "stage": node_id.split("/")[0], "cache_key": key, "cache_hit": "true",
             "produced_by_run_id": str(manifest.get("run_id"))})
@@ -311,7 +326,7 @@ class Tracker:
                 self.client.set_tag(run_id, "pipeline_pid", self.base_tags["pipeline_pid"])  # reopened by this process
             return run_id, found.info.status
         tags = {**self.base_tags, **identity, **({"mlflow.parentRunId": parent_id} if parent_id else {})}
-        run_id = self._started(self.client.create_run(self.experiment_id, run_name=name, tags=tags).info.run_id)
+        run_id = self._started(self._create_run(name, tags).info.run_id)
         self._log_params(run_id, params)
         if status != "RUNNING":
             self.set_status(run_id, status)
