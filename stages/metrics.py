@@ -42,7 +42,7 @@ AREA_RANGES: dict[str, tuple[float, float]] = {
     "medium": (32.0**2, 96.0**2),
     "large": (96.0**2, 1e10),
 }
-# Ground-truth aspect-ratio bins by h / w of the bbox: tall h/w > 2, wide h/w < 1/2, square between.
+# Ground-truth aspect-ratio bins by h / w of the bbox: tall h/w >= 2, wide h/w < 1/2, square between.
 ASPECT_RANGES: dict[str, tuple[float, float]] = {"tall": (2.0, math.inf), "square": (0.5, 2.0), "wide": (0.0, 0.5)}
 CURVE_NUM_PROPOSALS: tuple[int, ...] = (10, 20, 50, 100, 200, 300, 500, 1000)
 CURVE_IOUS: tuple[float, ...] = (0.5, 0.7)  # recall-vs-#proposals at these single IoUs, besides the 0.5:0.95 mean
