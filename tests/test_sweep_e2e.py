@@ -223,12 +223,12 @@ def test_eight_concurrent_trials_log_every_param_and_metric_exactly_once(ray_ses
     assert sorted(float(r.data.params["loc_threshold"]) for r in trials) == sorted(float(t) for t in thresholds)
     shared = [r.data.tags["node"] for r in children(runs, parent) if "node" in r.data.tags]
     assert sorted(shared) == ["data", "train/ga_rpn"]  # what every trial needs ran once, before them
+    committed = [json.loads(p.read_text())["metrics"] for p in workdir.glob("eval_proposals/*/manifest.json")]
     for trial in trials:
         assert trial.info.status == "FINISHED"
         nodes = [r.data.tags["node"] for r in children(runs, trial)]  # the shared ones as cache-hit records
         assert sorted(nodes) == ["data", "eval_proposals/ga_rpn", "proposals/ga_rpn", "train/ga_rpn"]  # each once
         for name in ("AR_1000", "AR_100", "anchors_per_image", "AR_1000_tall"):
             assert len(client.get_metric_history(trial.info.run_id, name)) == 1, (trial.info.run_name, name)
-        committed = [json.loads(p.read_text())["metrics"] for p in workdir.glob("eval_proposals/*/manifest.json")]
         assert any(m["anchors_per_image"] == pytest.approx(trial.data.metrics["anchors_per_image"]) for m in committed)
     assert len({r.data.metrics["anchors_per_image"] for r in trials}) > 1  # the trials measured different settings
