@@ -9,6 +9,10 @@ returns from ``prepare_model`` (DDP under Ray Train).
 Schedule: SGD(momentum, weight decay) with the learning rate per iteration = ``lr`` x linear
 warm-up (from ``warmup_ratio`` to 1 over ``warmup_iters``) x 0.1 per passed ``lr_steps``
 epoch; gradient-norm clipping at ``grad_clip``. ``batch_size`` is images per worker.
+
+Resume is exact: the checkpoint holds model, optimizer and schedule, and every epoch's random
+draws are seeded by (seed, rank, epoch), so a run killed and resumed from epoch k's checkpoint ends
+with the weights an uninterrupted run ends with (on the same hardware and thread count).
 """
 
 from __future__ import annotations
@@ -25,6 +29,8 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 from ga_models import load_state_dict_checked
 from stages.contract import TrainContext
 from stages.datasets import collate
+
+EPOCH_SEED_STRIDE = 1_000_003  # per-epoch seed offset (a prime > any seed * 1000 + rank in use)
 
 # Config fields that cannot change the trained weights: a node's cache key leaves them out.
 NO_EFFECT = {"affects_result": False}
@@ -135,8 +141,10 @@ def train_model(
         scheduler.load_state_dict(state["scheduler"])
         start_epoch, history = int(state["epoch"]), list(state["history"])
 
-    torch.manual_seed(cfg.seed * 1000 + ctx.rank)  # flips differ across workers
     for epoch in range(start_epoch, cfg.epochs):
+        # Seeded per epoch (flips, samplers), so that a run resumed from a checkpoint draws what an
+        # uninterrupted one draws and ends with the same weights; flips differ across workers.
+        torch.manual_seed(cfg.seed * 1000 + ctx.rank + EPOCH_SEED_STRIDE * epoch)
         wrapped.train()
         shard = Subset(dataset, epoch_indices(len(dataset), epoch, ctx.rank, ctx.world_size, cfg.seed))
         loader = DataLoader(shard, batch_size=cfg.batch_size, shuffle=False, collate_fn=collate)

@@ -1,4 +1,4 @@
-"""Hand-checkable cases for stages.metrics (pycocotools COCOeval underneath)."""
+"""Hand-checkable cases for stages.metrics (COCOeval underneath; both backends agree)."""
 
 from __future__ import annotations
 
@@ -277,3 +277,63 @@ def test_iou_thresholds_match_pycocotools_defaults():
     from pycocotools.cocoeval import Params
 
     assert np.allclose(metrics.IOU_THRESHOLDS, Params(iouType="bbox").iouThrs)
+
+
+def random_case(tmp_path, seed):
+    """A random ground truth (0..6 boxes per image, some crowd, two categories, one image without
+    boxes) and random proposals/detections near and away from the boxes (one image without any)."""
+    rng = np.random.default_rng(seed)
+    per_image = []
+    for _ in range(12):
+        boxes = []
+        for _ in range(rng.integers(0, 7)):
+            x1, y1 = rng.uniform(0, 800, 2)
+            w, h = np.exp(rng.uniform(np.log(4), np.log(300), 2))
+            boxes.append((x1, y1, min(x1 + w, 1000), min(y1 + h, 1000), int(rng.integers(1, 3))))
+        per_image.append(boxes)
+    n_anns = sum(map(len, per_image))
+    crowd = set(rng.choice(np.arange(1, n_anns + 1), size=n_anns // 8, replace=False).tolist())
+    ann = write_coco(tmp_path / f"case{seed}.json", per_image, crowd=crowd)
+    proposals, detections = {}, {}
+    for i, boxes in enumerate(per_image[1:], start=2):  # image 1 has no proposals
+        gt = np.asarray([b[:4] for b in boxes] or [(0, 0, 50, 50)], dtype=np.float64)
+        near = gt[rng.integers(0, len(gt), 40)] + rng.normal(0, 8, (40, 4))
+        far = np.sort(rng.uniform(0, 1000, (60, 2, 2)), axis=1).transpose(0, 2, 1).reshape(60, 4)
+        boxes_k = np.concatenate([near, far])
+        boxes_k[:, 2:] = np.maximum(boxes_k[:, 2:], boxes_k[:, :2])
+        scores = rng.random(len(boxes_k))
+        proposals[i] = (boxes_k, scores)
+        detections[i] = (boxes_k, scores, rng.integers(1, 3, len(boxes_k)))
+    return ann, proposals, detections
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_backends_agree_on_random_cases(tmp_path, monkeypatch, seed):
+    """faster-coco-eval (the default) gives pycocotools' numbers for every metric, nan included,
+    and recall evaluated 5 images at a time is recall evaluated over all 12 at once."""
+    ann, proposals, detections = random_case(tmp_path, seed)
+    gt = load_ground_truth(ann)
+    calls = [
+        lambda b: evaluate_proposals(gt, proposals, backend=b),
+        lambda b: evaluate_proposals(gt, proposals, image_ids=[1, 2, 3, 4, 5], backend=b),
+        lambda b: recall_by_aspect(gt, proposals, 20, backend=b),
+        lambda b: evaluate_detections(gt, detections, backend=b),
+        lambda b: recall_curves(gt, proposals, backend=b)["recall_vs_proposals"],
+        lambda b: recall_curves(gt, proposals, backend=b)["recall_vs_iou"],
+    ]
+    for call in calls:
+        monkeypatch.setattr(metrics, "EVAL_CHUNK_IMAGES", 10**9)
+        whole, reference = call("faster"), call("pycocotools")
+        monkeypatch.setattr(metrics, "EVAL_CHUNK_IMAGES", 5)
+        fast = call("faster")
+        assert fast.keys() == whole.keys() == reference.keys()
+        fast, whole, reference = (np.array(list(r.values()), dtype=np.float64) for r in (fast, whole, reference))
+        assert np.array_equal(fast, whole, equal_nan=True)
+        assert np.allclose(fast, reference, atol=1e-4, rtol=0, equal_nan=True), (fast, reference)
+        assert not np.isnan(reference).all()
+
+
+def test_unknown_backend_is_rejected(tmp_path):
+    ann = write_coco(tmp_path / "a.json", [[GT_BOX]])
+    with pytest.raises(ValueError, match="unknown COCOeval backend 'cocoapi'"):
+        evaluate_proposals(ann, {1: props(GT_BOX)}, backend="cocoapi")
