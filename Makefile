@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: full test test-slow test-faults lint bench venv clean
+.PHONY: full test test-e2e test-slow test-faults lint bench venv clean
 
 # The venv is rebuilt only when pyproject.toml changes (idempotent and fast when present).
 $(STAMP): pyproject.toml
@@ -27,6 +27,9 @@ test: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check .
 
+test-e2e: $(STAMP)
+	$(BIN)/python -m pytest -m e2e $(ARGS)
+
 test-slow: $(STAMP)
 	$(BIN)/python -m pytest -m slow $(ARGS)
 
@@ -37,6 +40,8 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_ga_rpn.py $(if $(wildcard runs/default/summary.json),--trained runs/default)
 	$(BIN)/python benchmarks/bench_proposal_cache.py
 	$(BIN)/python benchmarks/bench_sparse_head.py $(if $(wildcard runs/default/summary.json),--trained runs/default)
+	$(BIN)/python benchmarks/bench_proposal_eval.py
+	$(BIN)/python benchmarks/bench_scale.py
 
 clean:
 	rm -rf $(VENV)

@@ -15,15 +15,7 @@ from matplotlib.figure import Figure
 
 from stages.contract import Executor, Input, Output, StageResult, only
 from stages.io import write_json
-from stages.metrics import (
-    CURVE_IOUS,
-    PROPOSAL_MAX_DETS,
-    anchors_per_image,
-    evaluate_proposals,
-    load_ground_truth,
-    recall_by_aspect,
-    recall_curves,
-)
+from stages.metrics import anchors_per_image, proposal_report
 from stages.plots import save_png
 from stages.proposal_cache import ProposalCache
 
@@ -65,21 +57,15 @@ def evaluate(
     Returns AR_100, AR_300, AR_1000, AR_S, AR_M, AR_L (fractions), anchors_per_image (mean, and
     its median/min/max), seconds_per_image (mean), proposals_per_image (mean boxes the model
     output), recall_iou50 and recall_iou70 (recall at IoU 0.5 and 0.7 with 1000 proposals), and
-    AR_1000_tall/_square/_wide (``stages.metrics.recall_by_aspect``).
+    AR_1000_tall/_square/_wide (one pass: ``stages.metrics.proposal_report``).
     """
     out_dir = Path(out_dir)
     cache = ProposalCache(cache_root)
     proposals = {i: (boxes, scores) for i, (boxes, scores, _) in cache.read_all().items()}
-    gt = load_ground_truth(ann_file)
-    metrics = evaluate_proposals(gt, proposals)
-    metrics.update(recall_by_aspect(gt, proposals))
+    metrics, curves = proposal_report(ann_file, proposals)
     metrics.update(anchors_per_image(num_anchors))
     metrics["seconds_per_image"] = statistics.fmean(seconds) if seconds else float("nan")
     metrics["proposals_per_image"] = statistics.fmean(len(boxes) for boxes, _ in proposals.values()) if proposals else 0.0
-    curves = recall_curves(gt, proposals)
-    at = curves["num_proposals"].index(max(PROPOSAL_MAX_DETS))
-    for iou in CURVE_IOUS:  # the single-IoU recalls of the paper's Fig. 3, at 1000 proposals
-        metrics[f"recall_iou{round(100 * iou)}"] = curves["recall_vs_proposals"][f"{iou:.2f}"][at]
     write_json(out_dir / "metrics.json", metrics)
     write_json(out_dir / CURVES, curves)
     plot_curves(curves, out_dir, label)

@@ -82,19 +82,9 @@ def evaluate_proposals(
     annotation file).
     """
     gt = load_ground_truth(ann_file)
-    ids = _image_subset(gt, image_ids)
     entries = _validate(gt, proposals, with_labels=False)
-    recall = _proposal_recall(gt, entries, ids, PROPOSAL_MAX_DETS, tuple(AREA_RANGES.values()), backend)  # [T, A, M]
-    ar = _mean_over_iou(recall)  # [A, M]
-    areas = list(AREA_RANGES)
-    at100 = PROPOSAL_MAX_DETS.index(100)
-    out = {f"AR_{n}": ar[areas.index("all"), m] for m, n in enumerate(PROPOSAL_MAX_DETS)}
-    out.update(
-        AR_S=ar[areas.index("small"), at100],
-        AR_M=ar[areas.index("medium"), at100],
-        AR_L=ar[areas.index("large"), at100],
-    )
-    return {k: float(v) for k, v in out.items()}
+    [recall] = _proposal_recall(entries, _image_subset(gt, image_ids), [_areas_setting(gt, PROPOSAL_MAX_DETS)], backend)
+    return _table1(recall, PROPOSAL_MAX_DETS)
 
 
 def recall_by_aspect(
@@ -107,27 +97,14 @@ def recall_by_aspect(
     """Average recall at ``num_proposals`` per ground-truth aspect-ratio bin of ``ASPECT_RANGES``.
 
     Returns ``AR_<num_proposals>_tall``, ``_square``, ``_wide`` (fractions, ``nan`` for a bin with
-    no ground truth). Each bin is one ``COCOeval`` run in which the boxes outside the bin are
-    crowd boxes (pycocotools reads its ignore flag from ``iscrowd``): they neither count as missed
-    nor take a proposal from a box of the bin (the matcher prefers boxes that are not ignored).
+    no ground truth). One ``COCOeval`` run whose area ranges are the bins (``_aspect_setting``):
+    the boxes outside a bin are ignored, so they neither count as missed nor take a proposal from
+    a box of the bin (the matcher prefers boxes that are not ignored).
     """
     gt = load_ground_truth(ann_file)
-    ids = _image_subset(gt, None)
     entries = _validate(gt, proposals, with_labels=False)
-    out = {}
-    for name, (low, high) in ASPECT_RANGES.items():
-        anns = []
-        for ann in gt.dataset["annotations"]:
-            _, _, w, h = ann["bbox"]
-            inside = w > 0 and low <= h / w < high
-            anns.append({**ann, "iscrowd": int(bool(ann["iscrowd"]) or not inside)})
-        binned = COCO()
-        binned.dataset = {**gt.dataset, "annotations": anns}
-        with quiet():
-            binned.createIndex()
-        recall = _proposal_recall(binned, entries, ids, (num_proposals,), (AREA_RANGES["all"],), backend)  # [T, 1, 1]
-        out[f"AR_{num_proposals}_{name}"] = float(_mean_over_iou(recall)[0, 0])
-    return out
+    [recall] = _proposal_recall(entries, _image_subset(gt, None), [_aspect_setting(gt, num_proposals)], backend)
+    return _aspect_recall(recall, num_proposals)
 
 
 def recall_curves(
@@ -152,27 +129,40 @@ def recall_curves(
     Values are fractions in [0, 1], or ``nan`` when the subset has no ground truth.
     """
     gt = load_ground_truth(ann_file)
-    ids = _image_subset(gt, image_ids)
     entries = _validate(gt, proposals, with_labels=False)
     curve_n = sorted({int(n) for n in num_proposals})
     iou_n = sorted({int(n) for n in iou_curve_num_proposals})
     if not curve_n or not iou_n or min(curve_n + iou_n) < 1:
         raise ValueError("num_proposals and iou_curve_num_proposals must be non-empty positive integers")
-    max_dets = sorted(set(curve_n) | set(iou_n))
-    recall = _proposal_recall(gt, entries, ids, max_dets, (AREA_RANGES["all"],), backend)  # [T, A=1, M]
-    ar = _mean_over_iou(recall)[0]  # [M]
-    recall = np.where(recall > -1, recall, np.nan)[:, 0, :]  # [T, M]
-    at_n = [max_dets.index(n) for n in curve_n]
-    vs_proposals = {"0.50:0.95": [float(ar[m]) for m in at_n]}
+    max_dets = tuple(sorted(set(curve_n) | set(iou_n)))
+    [recall] = _proposal_recall(entries, _image_subset(gt, image_ids), [(gt, max_dets, (AREA_RANGES["all"],))], backend)
+    return _curves(recall[:, 0, :], max_dets, curve_n, iou_n)
+
+
+def proposal_report(
+    ann_file: str | os.PathLike | COCO,
+    proposals: Mapping[int, tuple[np.ndarray, np.ndarray]],
+    *,
+    backend: str = DEFAULT_BACKEND,
+) -> tuple[dict[str, float], dict]:
+    """Everything the proposal evaluation stage reports, in one pass over the proposals (each chunk
+    of images turned into result dicts once, then evaluated for every setting): ``(metrics,
+    curves)`` where ``metrics`` = ``evaluate_proposals`` + ``recall_by_aspect`` (at 1000) +
+    ``recall_iou50``/``recall_iou70`` (recall at one IoU with 1000 proposals, the paper's Fig. 3)
+    and ``curves`` = ``recall_curves`` with its defaults; the same numbers the three functions give.
+    """
+    gt = load_ground_truth(ann_file)
+    entries = _validate(gt, proposals, with_labels=False)
+    top = max(PROPOSAL_MAX_DETS)
+    max_dets = tuple(sorted(set(PROPOSAL_MAX_DETS) | set(CURVE_NUM_PROPOSALS)))
+    settings = [_areas_setting(gt, max_dets), _aspect_setting(gt, top)]
+    main, aspects = _proposal_recall(entries, _image_subset(gt, None), settings, backend)
+    metrics = {**_table1(main, max_dets), **_aspect_recall(aspects, top)}
+    curves = _curves(main[:, list(AREA_RANGES).index("all"), :], max_dets, list(CURVE_NUM_PROPOSALS), list(PROPOSAL_MAX_DETS))
+    at = curves["num_proposals"].index(top)
     for iou in CURVE_IOUS:
-        t = IOU_THRESHOLDS.index(iou)
-        vs_proposals[f"{iou:.2f}"] = [float(recall[t, m]) for m in at_n]
-    return {
-        "num_proposals": curve_n,
-        "recall_vs_proposals": vs_proposals,
-        "iou_thresholds": list(IOU_THRESHOLDS),
-        "recall_vs_iou": {str(n): [float(r) for r in recall[:, max_dets.index(n)]] for n in iou_n},
-    }
+        metrics[f"recall_iou{round(100 * iou)}"] = curves["recall_vs_proposals"][f"{iou:.2f}"][at]
+    return metrics, curves
 
 
 def evaluate_detections(
@@ -193,7 +183,8 @@ def evaluate_detections(
         if img_id in entries:
             boxes, scores, labels = entries[img_id]
             anns.extend(_to_results(img_id, boxes, scores, labels))
-    ev = _cocoeval(_backend_ground_truth(gt, backend), anns)
+    ground_truth = _backend_ground_truth(gt, backend)
+    ev = _cocoeval(ground_truth, _result_set(ground_truth, anns))
     ev.params.imgIds = ids
     with quiet():
         ev.evaluate()
@@ -242,7 +233,7 @@ def _image_id(key) -> int:
 
 
 def _validate(gt: COCO, entries: Mapping, *, with_labels: bool) -> dict[int, tuple[np.ndarray, ...]]:
-    """Check every entry; returns {image_id: (boxes float64[K, 4], scores float64[K][, labels int64[K]])}."""
+    """Check every entry; returns {image_id: (boxes float[K, 4], scores float[K][, labels int64[K]])}."""
     known = set(gt.getImgIds())
     cat_ids = set(gt.getCatIds())
     n_fields = 3 if with_labels else 2
@@ -254,8 +245,7 @@ def _validate(gt: COCO, entries: Mapping, *, with_labels: bool) -> dict[int, tup
             raise ValueError(f"image id {img_id} is not in the annotation file")
         if not isinstance(value, (tuple, list)) or len(value) != n_fields:
             raise ValueError(f"image id {img_id}: expected a tuple {what}")
-        boxes = np.asarray(value[0], dtype=np.float64)
-        scores = np.asarray(value[1], dtype=np.float64)
+        boxes, scores = _floats(value[0]), _floats(value[1])
         if boxes.ndim != 2 or boxes.shape[1] != 4:
             raise ValueError(f"image id {img_id}: boxes must have shape [K, 4], got {list(boxes.shape)}")
         k = boxes.shape[0]
@@ -278,15 +268,84 @@ def _validate(gt: COCO, entries: Mapping, *, with_labels: bool) -> dict[int, tup
     return out
 
 
+def _floats(values) -> np.ndarray:
+    """``values`` as a float array, without a copy when it is one already (float32 stays float32:
+    every float32 is a float64 exactly, so results and ranking are the same)."""
+    array = np.asarray(values)
+    return array if np.issubdtype(array.dtype, np.floating) else array.astype(np.float64)
+
+
 def _to_results(img_id: int, boxes: np.ndarray, scores: np.ndarray, labels) -> list[dict]:
     """COCO result dicts (bbox xywh) of one image; ``labels`` is an int64[K] array or one category id."""
-    xywh = boxes.copy()  # [K, 4] xyxy -> xywh
+    xywh = boxes.astype(np.float64)  # [K, 4] xyxy -> xywh, a copy (widths in float64)
     xywh[:, 2:] -= xywh[:, :2]
     labels = np.broadcast_to(np.asarray(labels, dtype=np.int64), scores.shape)
     return [
         {"image_id": img_id, "category_id": c, "bbox": b, "score": s, "area": b[2] * b[3], "iscrowd": 0}
         for b, s, c in zip(xywh.tolist(), scores.tolist(), labels.tolist())
     ]
+
+
+# One recall evaluation: (ground truth, maxDets, area ranges); ground truths may differ in crowd flags.
+RecallSetting = tuple[COCO, Sequence[int], Sequence[tuple[float, float]]]
+
+
+def _areas_setting(gt: COCO, max_dets: Sequence[int]) -> RecallSetting:
+    return gt, tuple(max_dets), tuple(AREA_RANGES.values())
+
+
+def _aspect_setting(gt: COCO, num_proposals: int) -> RecallSetting:
+    """One setting whose area ranges are the bins of ``ASPECT_RANGES``: a copy of the ground truth
+    in which each box's ``area`` is its bin's number (1, 2, ...; 0 for a box of zero width), so
+    that COCOeval's area filter ignores the boxes outside a bin. The matcher never prefers an
+    ignored box to a box of the bin and an ignored box is never missed, so a bin's recall is that
+    of its boxes alone (crowd boxes stay ignored in every bin)."""
+    bins = list(ASPECT_RANGES.values())
+    anns = []
+    for ann in gt.dataset["annotations"]:
+        _, _, w, h = ann["bbox"]
+        code = next((i + 1 for i, (low, high) in enumerate(bins) if w > 0 and low <= h / w < high), 0)
+        anns.append({**ann, "area": float(code)})
+    binned = COCO()
+    binned.dataset = {**gt.dataset, "annotations": anns}
+    with quiet():
+        binned.createIndex()
+    return binned, (num_proposals,), tuple((i + 0.5, i + 1.5) for i in range(len(bins)))
+
+
+def _table1(recall: np.ndarray, max_dets: Sequence[int]) -> dict[str, float]:
+    """``AR_100/300/1000`` and ``AR_S/M/L`` (at 100) from ``recall[T, A=AREA_RANGES, M=max_dets]``."""
+    ar = _mean_over_iou(recall)  # [A, M]
+    areas = list(AREA_RANGES)
+    at = {n: list(max_dets).index(n) for n in PROPOSAL_MAX_DETS}
+    out = {f"AR_{n}": ar[areas.index("all"), m] for n, m in at.items()}
+    out.update(AR_S=ar[areas.index("small"), at[100]], AR_M=ar[areas.index("medium"), at[100]],
+               AR_L=ar[areas.index("large"), at[100]])
+    return {k: float(v) for k, v in out.items()}
+
+
+def _aspect_recall(recall: np.ndarray, num_proposals: int) -> dict[str, float]:
+    """``AR_<n>_<bin>`` from ``recall[T, A=ASPECT_RANGES, 1]`` of ``_aspect_setting``."""
+    ar = _mean_over_iou(recall)  # [A, 1]
+    return {f"AR_{num_proposals}_{name}": float(ar[a, 0]) for a, name in enumerate(ASPECT_RANGES)}
+
+
+def _curves(recall: np.ndarray, max_dets: Sequence[int], curve_n: Sequence[int], iou_n: Sequence[int]) -> dict:
+    """``recall_curves``' data from ``recall[T, M=max_dets]`` (all areas)."""
+    max_dets = list(max_dets)
+    ar = _mean_over_iou(recall[:, None, :])[0]  # [M]
+    recall = np.where(recall > -1, recall, np.nan)  # [T, M]
+    at_n = [max_dets.index(n) for n in curve_n]
+    vs_proposals = {"0.50:0.95": [float(ar[m]) for m in at_n]}
+    for iou in CURVE_IOUS:
+        t = IOU_THRESHOLDS.index(iou)
+        vs_proposals[f"{iou:.2f}"] = [float(recall[t, m]) for m in at_n]
+    return {
+        "num_proposals": list(curve_n),
+        "recall_vs_proposals": vs_proposals,
+        "iou_thresholds": list(IOU_THRESHOLDS),
+        "recall_vs_iou": {str(n): [float(r) for r in recall[:, max_dets.index(n)]] for n in iou_n},
+    }
 
 
 def _backend_ground_truth(gt: COCO, backend: str) -> COCO:
@@ -302,45 +361,48 @@ def _backend_ground_truth(gt: COCO, backend: str) -> COCO:
     return ground_truth
 
 
-def _cocoeval(ground_truth: COCO, anns: list[dict]):
-    """A box ``COCOeval`` over ``ground_truth`` (from ``_backend_ground_truth``, which picks the
-    backend) and the result dicts ``anns`` (numbered here). The result set is a ``COCO`` built
+def _result_set(ground_truth: COCO, anns: list[dict]) -> COCO:
+    """The result dicts ``anns`` (numbered here) as a ``COCO`` of ``ground_truth``'s backend, built
     directly rather than with ``COCO.loadRes``, which fails on an empty list and adds a polygon per
     box that box evaluation never reads."""
     for i, ann in enumerate(anns, start=1):
         ann["id"] = i
-    faster = isinstance(ground_truth, faster_coco_eval.COCO)
-    res = faster_coco_eval.COCO() if faster else COCO()
+    res = faster_coco_eval.COCO() if isinstance(ground_truth, faster_coco_eval.COCO) else COCO()
     gt = ground_truth.dataset
     res.dataset = {"images": gt["images"], "categories": gt.get("categories", []), "annotations": anns}
     with quiet():
         res.createIndex()
-    evaluator = faster_coco_eval.COCOeval_faster if faster else COCOeval
-    return evaluator(ground_truth, res, iouType="bbox")
+    return res
+
+
+def _cocoeval(ground_truth: COCO, res: COCO):
+    """A box ``COCOeval`` of ``ground_truth``'s backend (``_backend_ground_truth`` picks it)."""
+    faster = isinstance(ground_truth, faster_coco_eval.COCO)
+    return (faster_coco_eval.COCOeval_faster if faster else COCOeval)(ground_truth, res, iouType="bbox")
 
 
 def _proposal_recall(
-    gt: COCO,
     entries: Mapping[int, tuple[np.ndarray, np.ndarray]],
     ids: list[int],
-    max_dets: Sequence[int],
-    area_ranges: Sequence[tuple[float, float]],
+    settings: Sequence[RecallSetting],
     backend: str,
-) -> np.ndarray:
-    """Class-agnostic recall, ``ndarray[T, A, M]`` (-1 where there is no ground truth).
+) -> list[np.ndarray]:
+    """Class-agnostic recall per setting, ``ndarray[T, A, M]`` each (-1 where there is no ground
+    truth). The settings share the proposals: each chunk's result dicts are built once.
 
     Evaluated ``EVAL_CHUNK_IMAGES`` images at a time, so memory holds one chunk's result dicts, not
     all of them (5,000 images x 1,000 proposals would be ~4 GB of dicts). Exact: COCOeval's recall
     is (matched recallable boxes) / (recallable boxes) summed over images, so the chunks' counts
     add up to the numbers one evaluation of every image gives.
     """
-    ground_truth = _backend_ground_truth(gt, backend)
-    cat_ids = ground_truth.getCatIds()
+    prepared = [(_backend_ground_truth(gt, backend), tuple(sorted(int(m) for m in max_dets)), areas)
+                for gt, max_dets, areas in settings]
+    cat_ids = prepared[0][0].getCatIds()
     # useCats=0 pools detections over params.catIds, so any existing category id will do.
     agnostic_cat = cat_ids[0] if cat_ids else 0
-    top = max(max_dets)
-    matched = np.zeros((len(IOU_THRESHOLDS), len(area_ranges), len(max_dets)))  # [T, A, M]
-    recallable = np.zeros(len(area_ranges))  # [A]
+    top = max(m for _, max_dets, _ in prepared for m in max_dets)
+    matched = [np.zeros((len(IOU_THRESHOLDS), len(areas), len(max_dets))) for _, max_dets, areas in prepared]  # [T, A, M]
+    recallable = [np.zeros(len(areas)) for _, _, areas in prepared]  # [A]
     for begin in range(0, len(ids), EVAL_CHUNK_IMAGES):
         chunk = ids[begin:begin + EVAL_CHUNK_IMAGES]
         anns = []
@@ -349,24 +411,26 @@ def _proposal_recall(
                 boxes, scores = entries[img_id]
                 order = np.argsort(-scores, kind="stable")[:top]  # rank by score, then truncate
                 anns.extend(_to_results(img_id, boxes[order], scores[order], agnostic_cat))
-        ev = _cocoeval(ground_truth, anns)
-        p = ev.params
-        p.imgIds = chunk
-        p.useCats = 0
-        p.maxDets = sorted(int(m) for m in max_dets)
-        p.areaRng = [list(a) for a in area_ranges]
-        p.areaRngLbl = [str(i) for i in range(len(area_ranges))]
-        p.iouThrs = np.array(IOU_THRESHOLDS)
-        with quiet():
-            ev.evaluate()
-            ev.accumulate()
-        recall = np.asarray(ev.eval["recall"])[:, 0, :, :]  # [T, K=1, A, M] -> [T, A, M]
-        count = _recallable_boxes(ground_truth, chunk, area_ranges)  # [A]
-        if ((recall > -1) != (count > 0)[None, :, None]).any():
-            raise RuntimeError("COCOeval counted recallable boxes differently from _recallable_boxes")
-        matched += np.rint(np.where(recall > -1, recall, 0.0) * count[None, :, None])
-        recallable += count
-    return np.where(recallable[None, :, None] > 0, matched / np.maximum(recallable, 1)[None, :, None], -1.0)
+        res = _result_set(prepared[0][0], anns)
+        for s, (ground_truth, max_dets, area_ranges) in enumerate(prepared):
+            ev = _cocoeval(ground_truth, res)
+            p = ev.params
+            p.imgIds = chunk
+            p.useCats = 0
+            p.maxDets = list(max_dets)
+            p.areaRng = [list(a) for a in area_ranges]
+            p.areaRngLbl = [str(i) for i in range(len(area_ranges))]
+            p.iouThrs = np.array(IOU_THRESHOLDS)
+            with quiet():
+                ev.evaluate()
+                ev.accumulate()
+            recall = np.asarray(ev.eval["recall"])[:, 0, :, :]  # [T, K=1, A, M] -> [T, A, M]
+            count = _recallable_boxes(ground_truth, chunk, area_ranges)  # [A]
+            if ((recall > -1) != (count > 0)[None, :, None]).any():
+                raise RuntimeError("COCOeval counted recallable boxes differently from _recallable_boxes")
+            matched[s] += np.rint(np.where(recall > -1, recall, 0.0) * count[None, :, None])
+            recallable[s] += count
+    return [np.where(n[None, :, None] > 0, m / np.maximum(n, 1)[None, :, None], -1.0) for m, n in zip(matched, recallable)]
 
 
 def _recallable_boxes(gt: COCO, ids: Sequence[int], area_ranges: Sequence[tuple[float, float]]) -> np.ndarray:

@@ -31,7 +31,9 @@ each shard's footer and ``image_id`` column alone.
 
 Concurrency: distinct shard ids may be written by several processes at once; a temporary file
 a crashed writer left behind starts with a dot and is ignored. Writing a shard id again replaces
-it. An instance is not thread-safe: use one per thread or process.
+it. An instance is not thread-safe: use one per thread. Processes forked from one that has
+read (DataLoader workers) may share it: shards are memory-mapped read-only and read positionally
+(tested with 4 workers reading random images at once).
 """
 
 from __future__ import annotations

@@ -337,3 +337,19 @@ def test_unknown_backend_is_rejected(tmp_path):
     ann = write_coco(tmp_path / "a.json", [[GT_BOX]])
     with pytest.raises(ValueError, match="unknown COCOeval backend 'cocoapi'"):
         evaluate_proposals(ann, {1: props(GT_BOX)}, backend="cocoapi")
+
+
+@pytest.mark.parametrize("seed", range(2))
+def test_proposal_report_is_the_three_evaluations_in_one_pass(tmp_path, monkeypatch, seed):
+    ann, proposals, _ = random_case(tmp_path, seed)
+    gt = load_ground_truth(ann)
+    monkeypatch.setattr(metrics, "EVAL_CHUNK_IMAGES", 5)
+    report, curves = metrics.proposal_report(gt, proposals)
+    separate = {**evaluate_proposals(gt, proposals), **recall_by_aspect(gt, proposals)}
+    separate_curves = recall_curves(gt, proposals)
+    at = separate_curves["num_proposals"].index(1000)
+    separate.update(recall_iou50=separate_curves["recall_vs_proposals"]["0.50"][at],
+                    recall_iou70=separate_curves["recall_vs_proposals"]["0.70"][at])
+    assert report.keys() == separate.keys()
+    assert np.array_equal(list(report.values()), list(separate.values()), equal_nan=True)
+    assert json.dumps(curves, sort_keys=True) == json.dumps(separate_curves, sort_keys=True)

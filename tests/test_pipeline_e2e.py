@@ -14,6 +14,7 @@ NODES = {"data", "train/rpn", "proposals/rpn", "eval_proposals/rpn",
          "train/ga_rpn", "proposals/ga_rpn", "eval_proposals/ga_rpn", "visualize",
          *(f"train_detector/{v}" for v in DETECTORS), "finetune/rpn", "finetune/ga_rpn",
          *(f"eval_detector/{v}" for v in (*DETECTORS, "finetune_rpn", "finetune_ga_rpn"))}
+pytestmark = pytest.mark.e2e
 AP = ("AP", "AP50", "AP75", "AP_S", "AP_M", "AP_L")
 AR = ("AR_100", "AR_300", "AR_1000", "AR_S", "AR_M", "AR_L")
 

@@ -11,6 +11,7 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import pytest
+import torch
 
 from stages.proposal_cache import METADATA_KEY, ProposalCache, ProposalCacheError
 
@@ -151,6 +152,39 @@ def test_concurrent_writers(tmp_path):
         for item in make_items(ids, seed=ids[0]):
             assert_same(cache.get(item[0]), item)
     assert sorted(p.name for p in (tmp_path / "c").iterdir()) == [f"worker-{w}.parquet" for w in range(3)]  # no temporaries
+
+
+class CacheReads(torch.utils.data.Dataset):
+    """A loader's view of a cache: item i is image ``ids[i]``'s proposals, read by ``get``."""
+
+    def __init__(self, cache: ProposalCache, ids: list[int]):
+        self.cache, self.ids = cache, ids
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __getitem__(self, i: int):
+        return self.ids[i], self.cache.get(self.ids[i])
+
+
+@pytest.mark.filterwarnings("ignore:This DataLoader will create 4 worker processes")  # 2 cores here
+@pytest.mark.parametrize("opened_before_fork", [True, False])
+def test_four_concurrent_loaders_read_random_images_exactly(tmp_path, opened_before_fork):
+    """Four DataLoader worker processes read random images at once through one reader (its shards
+    memory-mapped and its index built before the fork, or built in each worker); every image comes
+    back exactly as written."""
+    items = build(tmp_path / "c", shards=[range(s * 300, s * 300 + 300) for s in range(4)], rows_per_group=16)
+    cache = ProposalCache(tmp_path / "c", META)
+    if opened_before_fork:
+        assert len(cache) == 1200
+    order = np.random.default_rng(0).permutation(list(items)).tolist() * 2  # every image, twice
+    loader = torch.utils.data.DataLoader(CacheReads(cache, order), batch_size=None, num_workers=4,
+                                         multiprocessing_context="fork")
+    seen = []
+    for image_id, got in loader:
+        assert_same(tuple(t.numpy() for t in got), items[image_id])
+        seen.append(image_id)
+    assert seen == order
 
 
 @pytest.mark.parametrize("root", ["missing", "."])

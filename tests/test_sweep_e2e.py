@@ -158,6 +158,7 @@ def test_four_concurrent_trials_with_seeds_lose_no_run_or_metric(sweep, coco):
     assert all(len(client.get_metric_history(agg.info.run_id, "AR_1000")) == 1 for agg in aggregates)
 
 
+@pytest.mark.e2e
 def test_a_failed_trial_is_reported_and_does_not_sink_the_sweep(sweep, coco, capsys):
     workdir, run = sweep
     code = run("--grid", f"data.val_ann={coco['val_ann']},{coco['broken']}", "--target", "eval_proposals/ga_rpn",
