@@ -36,6 +36,7 @@ from stages.proposal_cache import ProposalCache
 
 ROOT = Path(__file__).resolve().parents[1]
 COCO_TRAIN = {"images": 118_287, "boxes": 860_001}
+LINKS_PER_FILE = 50_000
 
 
 def tree_rss(root_pid: int) -> tuple[int, int]:
@@ -95,15 +96,16 @@ def environment() -> dict:
 
 def write_coco_split(out: Path, num_images: int, num_boxes: int, seed: int, size=(640, 480)) -> tuple[Path, Path]:
     """``out/<name>.json`` with ``num_images`` images of ``size`` and ``num_boxes`` boxes spread
-    over them at random, and ``out/images`` holding a hard link per image to one PNG of that size."""
+    over them at random, and ``out/images`` holding a hard link per image to a PNG of that size."""
     rng = np.random.default_rng(seed)
     images_dir = out / "images"
     images_dir.mkdir(parents=True)
-    blank = out / "blank.png"
-    Image.new("RGB", size).save(blank)
     images = []
     for image_id in range(1, num_images + 1):
         name = f"{image_id:012d}.png"
+        blank = out / f"blank-{image_id // LINKS_PER_FILE}.png"  # file systems cap links per file
+        if not blank.exists():
+            Image.new("RGB", size).save(blank)
         os.link(blank, images_dir / name)
         images.append({"id": image_id, "file_name": name, "width": size[0], "height": size[1]})
     owner = rng.integers(1, num_images + 1, num_boxes)

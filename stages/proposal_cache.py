@@ -54,6 +54,7 @@ from stages.io import atomic_write, filesystem_for
 SCHEMA_VERSION = 1
 METADATA_KEY = b"ga_proposal_cache"
 ROWS_PER_GROUP = 16
+READ_BATCH_ROWS = 1024  # images per batch of ``read_all``
 SHARD_SUFFIX = ".parquet"
 
 SCHEMA = pa.schema(
@@ -163,17 +164,22 @@ class ProposalCache:
         return boxes.reshape(-1, 4), scores, levels.astype(np.int64)
 
     def read_all(self) -> dict[int, Proposals]:
-        """Every image's proposals, ``{image_id: (boxes [K, 4], scores [K], levels [K])}``."""
+        """Every image's proposals, ``{image_id: (boxes [K, 4], scores [K], levels [K])}``.
+
+        Read ``READ_BATCH_ROWS`` images at a time and Arrow's freed memory handed back at the end,
+        so the reader's peak is the arrays returned plus one batch, not a second copy of the cache.
+        """
         out = {}
         for path, pf in self._load():
             with _naming(path):
-                table = pf.read()
-            ids = table.column("image_id").to_numpy()
-            boxes = _split(table.column("boxes"))
-            scores = _split(table.column("scores"))
-            levels = _split(table.column("levels"), dtype=np.int64)
-            for i, image_id in enumerate(ids.tolist()):
-                out[image_id] = (boxes[i].reshape(-1, 4), scores[i], levels[i])
+                for batch in pf.iter_batches(batch_size=READ_BATCH_ROWS, use_threads=False):
+                    ids = batch.column("image_id").to_numpy()
+                    boxes = _split(batch.column("boxes"))
+                    scores = _split(batch.column("scores"))
+                    levels = _split(batch.column("levels"), dtype=np.int64)
+                    for i, image_id in enumerate(ids.tolist()):
+                        out[image_id] = (boxes[i].reshape(-1, 4), scores[i], levels[i])
+        pa.default_memory_pool().release_unused()
         return out
 
     # ---- internals -------------------------------------------------------------------------
@@ -330,9 +336,9 @@ def _list_row(column: pa.ChunkedArray, row: int) -> np.ndarray:
     return column[row].values.to_numpy(zero_copy_only=False).copy()
 
 
-def _split(column: pa.ChunkedArray, dtype=None) -> list[np.ndarray]:
+def _split(column: pa.Array | pa.ChunkedArray, dtype=None) -> list[np.ndarray]:
     """A list column -> one writable numpy array per row (views into one copied buffer)."""
-    lists = column.combine_chunks()
+    lists = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
     flat = np.array(lists.flatten().to_numpy(zero_copy_only=False), dtype=dtype)  # copy: writable
     offsets = lists.offsets.to_numpy()
     return np.split(flat, (offsets[1:-1] - offsets[0]).tolist()) if len(lists) else []
