@@ -14,7 +14,7 @@ import ast
 import hashlib
 import importlib.metadata
 import sys
-from functools import cache
+from functools import cache, lru_cache
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -30,10 +30,17 @@ def module_file(name: str, root: Path = ROOT) -> Path | None:
     return None
 
 
-def _imports(name: str, path: Path) -> tuple[set[str], set[str]]:
+def _imports(name: str, path: Path) -> tuple[frozenset[str], frozenset[str]]:
     """(project module names, third-party top-level names) that module ``name`` imports."""
-    tree = ast.parse(path.read_bytes(), filename=str(path))
-    package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+    return _source_imports(name, path.name == "__init__.py", path.read_bytes(), str(path))
+
+
+@lru_cache(maxsize=4096)
+def _source_imports(name: str, is_package: bool, source: bytes, filename: str) -> tuple[frozenset[str], frozenset[str]]:
+    """``_imports`` of one module's source, parsed once per process and content (a plan keys every
+    node, and each node's closure walks mostly the same modules)."""
+    tree = ast.parse(source, filename=filename)
+    package = name if is_package else name.rpartition(".")[0]
     candidates: set[str] = set()
     for node in ast.walk(tree):
         if isinstance(node, ast.Import):
@@ -46,9 +53,9 @@ def _imports(name: str, path: Path) -> tuple[set[str], set[str]]:
                 base = node.module or ""
             candidates.add(base)
             candidates.update(f"{base}.{alias.name}" for alias in node.names)  # names may be submodules
-    project = {c for c in candidates if c.split(".")[0] in PROJECT_PACKAGES}
+    project = frozenset(c for c in candidates if c.split(".")[0] in PROJECT_PACKAGES)
     third_party = {c.split(".")[0] for c in candidates if c and c.split(".")[0] not in PROJECT_PACKAGES}
-    return project, {t for t in third_party if t not in sys.stdlib_module_names}
+    return project, frozenset(t for t in third_party if t not in sys.stdlib_module_names)
 
 
 def import_closure(name: str, root: Path = ROOT) -> tuple[dict[str, Path], set[str]]:

@@ -1,5 +1,7 @@
-"""The CLI as users run it (subprocesses): bad input is one line on stderr naming the problem,
-a non-zero exit, and nothing written (no work directory, no MLflow store); `plan` lists the DAG."""
+"""The CLI as users run it (subprocesses; the config and work-directory errors, which end before
+Ray or MLflow start, through ``main`` in this process): bad input is one line on stderr naming the
+problem, a non-zero exit, and nothing written (no work directory, no MLflow store); `plan` lists
+the DAG."""
 
 import json
 import os
@@ -20,6 +22,19 @@ def cli(*args, env_extra=None, cwd=ROOT):
     env.update(env_extra or {})
     return subprocess.run([sys.executable, "-m", "pipeline", *args], cwd=cwd, env=env,
                           capture_output=True, text=True, timeout=120)
+
+
+def cli_in_process(capsys, monkeypatch, *args):
+    """``pipeline.__main__.main(args)`` in this process, as ``cli`` would run it (for bad input
+    that ends before Ray or MLflow start; the subprocess tests below cover the real process)."""
+    from pipeline.__main__ import main
+
+    for name in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI"):
+        monkeypatch.delenv(name, raising=False)
+    capsys.readouterr()
+    code = main(list(args))
+    captured = capsys.readouterr()
+    return subprocess.CompletedProcess(args, code, captured.out, captured.err)
 
 
 def closed_port():
@@ -45,18 +60,18 @@ def assert_one_line_error(proc, *needles):
      ["data.train_ann: /nonexistent/a.json does not exist"]),
     (["--force", "training"], ["--force 'training': no such stage"]),
 ])
-def test_bad_input_is_a_one_line_error_and_writes_nothing(tmp_path, args, needles):
+def test_bad_input_is_a_one_line_error_and_writes_nothing(tmp_path, capsys, monkeypatch, args, needles):
     workdir = tmp_path / "work"
-    proc = cli("full", "--preset", "smoke", "--workdir", str(workdir), *args)
+    proc = cli_in_process(capsys, monkeypatch, "full", "--preset", "smoke", "--workdir", str(workdir), *args)
     assert_one_line_error(proc, *needles)
     assert not workdir.exists()
 
 
 @pytest.mark.parametrize("command", [["full"], ["plan"], ["sweep", "eps_l"], ["report"]])
-def test_a_workdir_that_is_a_file_is_a_one_line_error(tmp_path, command):
+def test_a_workdir_that_is_a_file_is_a_one_line_error(tmp_path, capsys, monkeypatch, command):
     workdir = tmp_path / "work"
     workdir.write_text("not a directory")
-    proc = cli(*command, "--preset", "smoke", "--workdir", str(workdir))
+    proc = cli_in_process(capsys, monkeypatch, *command, "--preset", "smoke", "--workdir", str(workdir))
     assert_one_line_error(proc, str(workdir), "exists and is not a directory")
     assert workdir.read_text() == "not a directory"
 
