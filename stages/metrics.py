@@ -286,7 +286,7 @@ def _to_results(img_id: int, boxes: np.ndarray, scores: np.ndarray, labels) -> l
     ]
 
 
-# One recall evaluation: (ground truth, maxDets, area ranges); ground truths may differ in crowd flags.
+# One recall evaluation: (ground truth, maxDets, area ranges); the aspect setting's ground truth codes its bins as areas.
 RecallSetting = tuple[COCO, Sequence[int], Sequence[tuple[float, float]]]
 
 

@@ -2,12 +2,14 @@
 start a pipeline command in its own session, wait for something it writes, kill its process
 group, and read back what a node produced."""
 
+import contextlib
 import json
 import os
 import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -24,9 +26,15 @@ def pipeline(*args: str) -> list[str]:
     return [sys.executable, "-m", "pipeline", *args]
 
 
-def start(args: list[str], env: dict, log: Path) -> subprocess.Popen:
-    """A pipeline process in its own session (so that killing it takes its Ray with it)."""
-    return subprocess.Popen(args, cwd=ROOT, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True)
+@contextlib.contextmanager
+def running(args: list[str], env: dict, log: Path) -> Iterator[subprocess.Popen]:
+    """A pipeline process in its own session, output to ``log``; when the block exits, whatever is
+    left of its process group (its Ray included) is killed."""
+    proc = subprocess.Popen(args, cwd=ROOT, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        yield proc
+    finally:
+        kill_group(proc)
 
 
 def wait_for(proc: subprocess.Popen, ready, what: str, seconds: float = 300) -> None:

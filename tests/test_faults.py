@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
-from processes import ROOT, environment, kill_group, node_result, pipeline, start, wait_for
+from processes import ROOT, environment, kill_group, node_result, pipeline, running, wait_for
 
 pytestmark = [pytest.mark.slow, pytest.mark.faults]
 
@@ -23,12 +23,10 @@ def test_driver_sigkill_in_a_stage_then_rerun_equals_an_uninterrupted_run(tmp_pa
     env = environment()
     command = pipeline("run", stage, "--variant", "rpn", "--preset", "smoke", "--workdir", str(workdir),
                        "--set", "data.num_val=48")
-    proc = start(command, env, tmp_path / "first.log")
-    try:
-        # the node directory appears when the node starts writing; kill before it is committed
+    with running(command, env, tmp_path / "first.log") as proc:
+        # the node directory appears when the node starts writing; killed (leaving the block)
+        # before it is committed
         wait_for(proc, lambda: any((workdir / stage).glob("*/")), f"the {stage} node's output")
-    finally:
-        kill_group(proc)
     assert not list(workdir.glob(f"{stage}/*/manifest.json")), "the killed node must not be complete"
 
     resumed = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
@@ -59,8 +57,7 @@ def test_a_training_worker_killed_mid_epoch_costs_at_most_one_epoch(tmp_path):
     command = pipeline("run", "train", "--variant", "rpn", "--preset", "smoke", "--workdir", str(workdir),
                        "--set", "train.epochs=4", "--set", "train.max_failures=1")
     log = tmp_path / "run.log"
-    proc = start(command, environment(), log)
-    try:
+    with running(command, environment(), log) as proc:
         wait_for(proc, lambda: list(workdir.glob("_ray_train/*/epoch_0001")), "the first checkpoint")
         time.sleep(2)  # into the next epoch
         workers = [pid for pid in train_worker_pids() if pid not in before]
@@ -68,9 +65,6 @@ def test_a_training_worker_killed_mid_epoch_costs_at_most_one_epoch(tmp_path):
         for pid in workers:
             os.kill(pid, signal.SIGKILL)
         proc.wait(timeout=900)
-    finally:
-        if proc.poll() is None:
-            kill_group(proc)
     output = log.read_text()
     assert proc.returncode == 0, output[-4000:]
     assert "retrying from the newest checkpoint (retry 1 of 1)" in output
@@ -99,17 +93,12 @@ def test_an_mlflow_outage_during_training_loses_no_work(tmp_path, mlflow_server)
     server, uri = mlflow_server()
     workdir = tmp_path / "work"
     log = tmp_path / "run.log"
-    proc = None
-    try:
-        command = pipeline("run", "train", "--variant", "rpn", "--preset", "smoke", "--workdir", str(workdir),
-                           "--set", "train.epochs=3")
-        proc = start(command, environment(MLFLOW_TRACKING_URI=uri), log)
+    command = pipeline("run", "train", "--variant", "rpn", "--preset", "smoke", "--workdir", str(workdir),
+                       "--set", "train.epochs=3")
+    with running(command, environment(MLFLOW_TRACKING_URI=uri), log) as proc:
         wait_for(proc, lambda: list(workdir.glob("_ray_train/*/epoch_0001")), "the first checkpoint")
         kill_group(server)  # the tracking server goes away mid-training
         proc.wait(timeout=900)
-    finally:
-        if proc is not None and proc.poll() is None:
-            kill_group(proc)
     output = log.read_text()
     assert proc.returncode == 0, output[-4000:]
     assert "did not take epoch" in output

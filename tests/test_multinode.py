@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from processes import ROOT, environment, kill_group, node_result, pipeline, start, wait_for
+from processes import ROOT, environment, kill_group, node_result, pipeline, running, wait_for
 
 pytestmark = [pytest.mark.slow, pytest.mark.faults]
 RAY = Path(sys.executable).parent / "ray"
@@ -108,9 +108,8 @@ def test_losing_a_worker_node_in_training_and_in_proposal_caching_loses_nothing(
     command = pipeline("run", "proposals", "--variant", "rpn", "--preset", "smoke", *settings)
     workdir = tmp_path / "cluster-run"
     log = tmp_path / "cluster-run.log"
-    proc = start([*command, "--workdir", str(workdir)], client_env, log)
     killed = []
-    try:
+    with running([*command, "--workdir", str(workdir)], client_env, log) as proc:
         wait_for(proc, lambda: list(workdir.glob("_ray_train/*/epoch_0001")), "the first checkpoint", 600)
         node = hosting_node(nodes, "RayTrainWorker")
         assert node, "no Ray Train worker found on a worker node"
@@ -121,9 +120,6 @@ def test_losing_a_worker_node_in_training_and_in_proposal_caching_loses_nothing(
         kill_group(nodes[node])
         killed.append(node)
         proc.wait(timeout=900)
-    finally:
-        if proc.poll() is None:
-            kill_group(proc)
     output = log.read_text()
     assert proc.returncode == 0, output[-5000:]
     assert len(set(killed)) == 2, killed
