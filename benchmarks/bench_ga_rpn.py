@@ -64,17 +64,28 @@ def train_and_time(kind: str, train: CocoDetection, steps: int, batch: int) -> t
     return model.eval(), sorted(step_times[5:])[len(step_times[5:]) // 2]
 
 
-def inference_seconds(model: torch.nn.Module, images: list[torch.Tensor]) -> tuple[float, float]:
-    """(median seconds per image at batch 1, mean anchors per image)."""
-    anchors = []
-
-    def run():
-        with torch.no_grad():
-            for image in images:
-                anchors.append(float(model([image])[0]["num_anchors"]))
-
-    seconds = timed(run, repeats=3) / len(images)
-    return seconds, sum(anchors) / len(anchors)
+def paired_inference_seconds(models: dict[str, torch.nn.Module], images: list[torch.Tensor], repeats: int = 5
+                             ) -> dict[str, tuple[float, float]]:
+    """Per model (seconds per image at batch 1, mean anchors per image). The models run in turn on
+    each image (one warm-up pass first), ``repeats`` times; a model's time is the sum over the images
+    of its median per image, so drift of a shared, noisy machine hits every model alike."""
+    times = {name: [[] for _ in images] for name in models}
+    anchors = {name: [] for name in models}
+    with torch.no_grad():
+        for image in images[:2]:
+            for model in models.values():
+                model([image])
+        for _ in range(repeats):
+            for index, image in enumerate(images):
+                for name, model in models.items():
+                    start = time.perf_counter()
+                    out = model([image])
+                    times[name][index].append(time.perf_counter() - start)
+                    anchors[name].append(float(out[0]["num_anchors"]))
+    return {
+        name: (sum(sorted(t)[len(t) // 2] for t in times[name]) / len(images), sum(anchors[name]) / len(anchors[name]))
+        for name in models
+    }
 
 
 def trained_models(workdir: Path, preset: str = "default") -> dict[str, torch.nn.Module]:
@@ -141,16 +152,16 @@ def main() -> None:
         val_ann, val_root = generate(Path(tmp) / "val", args.val_images, 256, seed=1)
         train = CocoDetection(train_ann, train_root, train=True)
         val_images = [image for image, _ in CocoDetection(val_ann, val_root)]
-        models = {}
-        rows = {}
+        models, steps = {}, {}
         for kind in ("rpn", "ga_rpn"):
-            models[kind], step = train_and_time(kind, train, args.train_steps, args.batch)
-            infer, anchors = inference_seconds(models[kind], val_images)
-            rows[kind] = {"train_step_s": step, "inference_s_per_image": infer, "anchors_per_image": anchors}
+            models[kind], steps[kind] = train_and_time(kind, train, args.train_steps, args.batch)
         if args.trained:
-            for kind, model in trained_models(args.trained).items():
-                infer, anchors = inference_seconds(model, val_images)
-                rows[f"{kind} (trained)"] = {"inference_s_per_image": infer, "anchors_per_image": anchors}
+            models.update({f"{kind} (trained)": model for kind, model in trained_models(args.trained).items()})
+        rows = {}
+        for kind, (infer, anchors) in paired_inference_seconds(models, val_images).items():
+            rows[kind] = {"inference_s_per_image": infer, "anchors_per_image": anchors}
+            if kind in steps:
+                rows[kind]["train_step_s"] = steps[kind]
 
     heads = head_times(args.head_channels, args.head_size, 2, repeats=5)
     ratios = {

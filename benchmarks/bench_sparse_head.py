@@ -19,7 +19,7 @@ from pathlib import Path
 from tempfile import TemporaryDirectory
 
 import torch
-from bench_ga_rpn import inference_seconds, timed, trained_models  # (scripts: their folder is on sys.path)
+from bench_ga_rpn import paired_inference_seconds, timed, trained_models  # (scripts: their folder is on sys.path)
 
 from ga_models import GuidedAnchorHead
 
@@ -63,8 +63,8 @@ def model_ratios(workdir: Path, num_images: int) -> dict[str, dict]:
         torch.set_num_threads(threads)
         for eps in (0.0, 0.01, 0.05, 0.1, 0.2, 0.4, 0.6):
             models["ga_rpn"].rpn.loc_threshold = eps
-            rpn, _ = inference_seconds(models["rpn"], images)  # beside each GA-RPN timing: drift cancels
-            ga, _ = inference_seconds(models["ga_rpn"], images)
+            paired = paired_inference_seconds(models, images)  # RPN beside GA-RPN on every image: drift cancels
+            (rpn, _), (ga, _) = paired["rpn"], paired["ga_rpn"]
             kept = kept_fraction(models["ga_rpn"], images)
             out[f"{threads}t_eps{eps}"] = {"kept": kept, "ga_s": ga, "rpn_s": rpn, "ratio": ga / rpn}
             print(f"{threads} thread(s), eps_L {eps:<5} GA-RPN keeps {kept:6.1%}: {1000 * ga:6.1f} ms vs RPN "

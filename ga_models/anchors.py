@@ -6,6 +6,7 @@ S = sampled approximate shapes per location (3, 9 or 15).
 """
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -37,9 +38,11 @@ def assign_levels(gt_boxes: Tensor, strides: list[int], octave_base_scale: float
     return level.clamp(0, len(strides) - 1).long()
 
 
+@functools.lru_cache(maxsize=64)
 def grid_centers(height: int, width: int, stride: int, device: torch.device, center_offset: float = 0.0) -> Tensor:
     """Anchor centres of a level grid, row-major: Tensor[H*W, 2] as (x, y) = ((j + offset) s, (i + offset) s);
-    offset 0 is torchvision's ``AnchorGenerator`` (the RPN baseline's) and the reference's."""
+    offset 0 is torchvision's ``AnchorGenerator`` (the RPN baseline's) and the reference's. Cached per
+    grid (it cost ~0.4 ms per image over five levels): the tensor is shared, never modify it in place."""
     ys = (torch.arange(height, device=device, dtype=torch.float32) + center_offset) * stride
     xs = (torch.arange(width, device=device, dtype=torch.float32) + center_offset) * stride
     yy, xx = torch.meshgrid(ys, xs, indexing="ij")

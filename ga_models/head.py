@@ -16,13 +16,14 @@ from .layers import FeatureAdaption, MaskedConv2d
 
 # The masked (sparse) path of a level's adaption + cls/reg convs computes only the kept locations
 # but pays a fixed cost per call for gathering and scattering them, and more per location than the
-# dense path (which runs the deformable conv as one grid_sample + one matmul). Measured on the
-# 2-core CPU (benchmarks/bench_sparse_head.py, 64 channels, 1 and 2 threads): the masked path is
-# faster up to 60-70% kept on a 64x64 level, 50-70% on 32x32, 10-20% on 16x16 and never on 8x8.
-# The rule that follows: masked while kept <= SPARSE_DENSE_RATIO x locations - SPARSE_OVERHEAD_LOCATIONS
-# (67%, 58%, 21%, never).
-SPARSE_DENSE_RATIO = 0.7
-SPARSE_OVERHEAD_LOCATIONS = 125
+# dense path (one grid_sample + one matmul per image, the shape-guided offsets folded into the
+# sampling grid). Measured on the 2-core CPU with one thread, as a 1-CPU Ray task runs
+# (benchmarks/bench_sparse_head.py, 64 channels, two runs): the masked path is faster up to ~55%
+# kept on a 64x64 level, 30-50% on 32x32, never on 16x16 or 8x8 (1.7-2.1x the dense time at 100%
+# on 64x64); two threads: 60%, 30-60%, never, never. The rule that follows: masked while kept <=
+# SPARSE_DENSE_RATIO x locations - SPARSE_OVERHEAD_LOCATIONS (54%, 44%, 1%, never).
+SPARSE_DENSE_RATIO = 0.58
+SPARSE_OVERHEAD_LOCATIONS = 145
 
 
 def sparse_pays(mask: Tensor) -> bool:
@@ -104,7 +105,7 @@ class GuidedAnchorHead(nn.Module):
         """One level: x Tensor[N, C, H, W]. In eval mode locations with sigmoid(loc) < loc_threshold
         are dropped: the adaption/cls/reg convs run only at the kept ones where that is cheaper
         (``sparse_pays``), else dense with the dropped ones zeroed after."""
-        feat = F.relu(self.rpn_conv(x))
+        feat = F.relu(self.rpn_conv(x), inplace=True)
         loc = self.conv_loc(feat) if self.conv_loc is not None else None
         shape = self.conv_shape(feat) if self.conv_shape is not None else None
         mask = None

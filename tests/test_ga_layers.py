@@ -5,7 +5,7 @@ import torch.nn.functional as F
 from torchvision.ops import deform_conv2d
 
 from ga_models import FeatureAdaption, MaskedConv2d
-from ga_models.layers import deform_conv_at_positions, deform_conv_grid_sample
+from ga_models.layers import deform_conv_at_positions, deform_conv_grid_sample, offset_grid, shape_guided_grid
 
 
 def masks(batch, height, width, seed):
@@ -102,3 +102,23 @@ def test_grid_sample_deformable_conv_matches_torchvision_values_and_gradients():
     torch.testing.assert_close(ours, reference, rtol=1e-4, atol=1e-4)
     for a, b in zip(torch.autograd.grad(reference.sum(), [x, offset, weight]), torch.autograd.grad(ours.sum(), [x, offset, weight])):
         torch.testing.assert_close(b, a, rtol=1e-3, atol=1e-3)
+
+
+@pytest.mark.parametrize("shape_channels", [2, 4])
+def test_shape_guided_grid_is_the_grid_of_the_offset_conv(shape_channels):
+    """Folding the 1x1 offset conv into the sampling grid changes nothing: the grid equals the one
+    of the offset map the conv makes (values and the offset weight's gradient), on a non-square map."""
+    torch.manual_seed(shape_channels)
+    weight = (torch.randn(4 * 2 * 9, shape_channels, 1, 1) * 0.5).requires_grad_()
+    shape = torch.randn(3, shape_channels, 5, 7) * 2
+    folded = shape_guided_grid(shape, weight, 3)
+    reference = offset_grid(F.conv2d(shape, weight), 3)
+    assert folded.shape == reference.shape == (3, 4, 9, 35, 2)
+    torch.testing.assert_close(folded, reference)
+    probe = torch.randn(folded.shape)
+    grad_folded, = torch.autograd.grad((folded * probe).sum(), weight)
+    grad_reference, = torch.autograd.grad((reference * probe).sum(), weight)
+    torch.testing.assert_close(grad_folded, grad_reference)
+    # the undeformed grid is grid_sample's pixel centres: (x, y) of point (row 0, col 0) at position (0, 0)
+    zero = shape_guided_grid(shape, torch.zeros_like(weight), 3)
+    torch.testing.assert_close(zero[0, 0, 0, 0], torch.tensor([(-1 + 0.5) * 2 / 7 - 1, (-1 + 0.5) * 2 / 5 - 1]))
