@@ -238,7 +238,20 @@ def _location_filter(visualize: Result | None, eps: float) -> tuple[str, ...]:
     high = (f" Proposals per image with IoU >= 0.7: RPN {m['proposals_iou70_rpn']:.1f}, GA-RPN "
             f"{m['proposals_iou70_ga_rpn']:.1f} (Figure 3).") if "proposals_iou70_rpn" in m and "proposals_iou70_ga_rpn" in m else ""
     return (f"GA-RPN's location filter (eps_L = {eps:g}) keeps {100 * m['loc_kept_fraction']:.0f}% of the locations "
-            f"({m.get('guided_anchors_per_image', float('nan')):.0f} guided anchors per image){dropped}.{high}",)
+            f"({m.get('guided_anchors_per_image', float('nan')):.0f} guided anchors per image){dropped}.{high}"
+            f"{_anchor_fit(m)}",)
+
+
+def _anchor_fit(m: Mapping[str, float]) -> str:
+    """A sentence on the IoU of each ground-truth box's best anchor, per model and aspect bin
+    (``visualize``'s ``best_anchor_iou_*``), or "" when the node has not measured it."""
+    kinds = {"ga_rpn": "GA-RPN's guided anchors", "rpn": "RPN's sliding-window anchors"}
+    if not all(f"best_anchor_iou_{kind}" in m for kind in kinds):
+        return ""
+    parts = [f"{label} {m[f'best_anchor_iou_{kind}']:.2f} (tall / square / wide "
+             + " / ".join(f"{m.get(f'best_anchor_iou_{kind}_{b}', float('nan')):.2f}" for b in ("tall", "square", "wide"))
+             + ")" for kind, label in kinds.items()]
+    return " The best anchor of a ground-truth box has a mean IoU of " + " against ".join(parts) + "."
 
 
 def detector_table(anchor: str, title: str, reference: Mapping[str, float], full: Mapping[str, Result],

@@ -48,6 +48,7 @@ from ga_models.rpn import HeadOutputs
 from stages.contract import Executor, Input, Output, StageResult, only
 from stages.datasets import CocoDetection, open_split
 from stages.io import load_torch, write_json
+from stages.metrics import ASPECT_RANGES
 from stages.plots import save_png
 from stages.proposal_cache import ProposalCache
 from stages.proposals import load_proposer
@@ -114,18 +115,23 @@ class ShapeSurvey(NamedTuple):
     """What the first ``shape_images`` val images give (see ``survey``).
 
     image_ids / gt_per_image: the images and their ground truth, Tensor[K_i, 4] each; gt_boxes:
-    Tensor[K, 4] all of it; guided_anchors: Tensor[M, 4] every kept guided anchor; kept_fractions /
-    kept_counts: per image kept locations / A and kept locations; dropped: ground-truth boxes whose
-    centre pixel has p < eps_L.
+    Tensor[K, 4] all of it; anchors_per_image: the kept guided anchors of each image, Tensor[M_i, 4];
+    kept_fractions / kept_counts: per image kept locations / A and kept locations; dropped:
+    ground-truth boxes whose centre pixel has p < eps_L.
     """
 
     image_ids: list[int]
     gt_per_image: list[Tensor]
     gt_boxes: Tensor
-    guided_anchors: Tensor
+    anchors_per_image: list[Tensor]
     kept_fractions: list[float]
     kept_counts: list[int]
     dropped: int
+
+    @property
+    def guided_anchors(self) -> Tensor:
+        """Every kept guided anchor of the images: Tensor[M, 4]."""
+        return torch.cat(self.anchors_per_image)
 
 
 class Example(NamedTuple):
@@ -144,8 +150,10 @@ def run(cfg: VisualizeConfig, inputs: Mapping[str, Input], out: Output, executor
     """Draw ``examples.png`` and ``anchor_shapes.png``, write ``anchor_shapes.json``.
 
     Outputs ``{"plots": [examples.png, anchor_shapes.png], "anchor_shapes": "anchor_shapes.json"}``.
-    Metrics over the first ``shape_images`` val images (see ``location_metrics``):
-    ``loc_kept_fraction``, ``gt_centers_dropped``, ``guided_anchors_per_image``.
+    Metrics over the first ``shape_images`` val images: ``loc_kept_fraction``,
+    ``gt_centers_dropped``, ``guided_anchors_per_image`` (``location_metrics``),
+    ``best_anchor_iou_{rpn,ga_rpn}[_{tall,square,wide}]`` (``anchor_fit_metrics``) and
+    ``proposals_iou70_{rpn,ga_rpn}``.
     """
     data = only(inputs, "data")
     dataset = open_split(data.local_dir(), data.outputs["splits"]["val"])
@@ -176,8 +184,9 @@ def run(cfg: VisualizeConfig, inputs: Mapping[str, Input], out: Output, executor
     save_png(plot_examples(examples, cfg.ga_rpn, cfg.top_proposals), out.dir / EXAMPLES_PNG)
 
     outputs = {"plots": [EXAMPLES_PNG, SHAPES_PNG, IOU_PNG], "anchor_shapes": SHAPES_JSON, "iou_distribution": IOU_JSON}
-    metrics = {**location_metrics(found), **{f"proposals_iou70_{kind}": counts[IOU_THRESHOLDS.index(0.7)]
-                                             for kind, counts in distribution.items()}}
+    rpn_anchors = [sliding_window_anchors(rpn, dataset[index][0]) for index in range(num_shape)]
+    metrics = {**location_metrics(found), **anchor_fit_metrics(found, rpn_anchors),
+               **{f"proposals_iou70_{kind}": counts[IOU_THRESHOLDS.index(0.7)] for kind, counts in distribution.items()}}
     return StageResult(metrics, outputs, (EXAMPLES_PNG, SHAPES_PNG, IOU_PNG, SHAPES_JSON, IOU_JSON))
 
 
@@ -303,7 +312,43 @@ def survey(model: Proposer, dataset: CocoDetection, num_images: int, loc_thresho
         fractions.append(len(guided.anchors) / guided.num_locations)
         counts.append(len(guided.anchors))
         dropped += int(dropped_centers(guided.prob, target["boxes"], loc_threshold).sum())
-    return ShapeSurvey(ids, gt, torch.cat(gt), torch.cat(anchors), fractions, counts, dropped)
+    return ShapeSurvey(ids, gt, torch.cat(gt), anchors, fractions, counts, dropped)
+
+
+def best_anchor_ious(gt_per_image: Sequence[Tensor], anchors_per_image: Sequence[Tensor]) -> Tensor:
+    """Per ground-truth box, the IoU of the best anchor of its image: Tensor[K] over the images'
+    boxes Tensor[K_i, 4] in order (0 where an image has no anchor). gt_per_image and
+    anchors_per_image (Tensor[M_i, 4]) xyxy in the same pixels."""
+    best = [box_iou(gt, anchors).max(dim=1).values if len(anchors) else gt.new_zeros(len(gt))
+            for gt, anchors in zip(gt_per_image, anchors_per_image, strict=True)]
+    return torch.cat(best) if best else torch.zeros(0)
+
+
+def mean_by_aspect(boxes: Tensor, values: Tensor) -> dict[str, float]:
+    """Mean of values Tensor[K] over the boxes Tensor[K, 4] of each aspect bin of ``ASPECT_RANGES``
+    (h / w, the bins of the evaluation's per-aspect recall): NaN for an empty bin."""
+    wh = boxes[:, 2:] - boxes[:, :2]
+    aspect = wh[:, 1] / wh[:, 0]  # [K]
+    means = {}
+    for name, (low, high) in ASPECT_RANGES.items():
+        inside = (aspect >= low) & (aspect < high)
+        means[name] = float(values[inside].mean()) if bool(inside.any()) else math.nan
+    return means
+
+
+def anchor_fit_metrics(found: ShapeSurvey, rpn_anchors: Sequence[Tensor]) -> dict[str, float]:
+    """How well each model's anchors fit the ground truth before any regression: per model
+    ``best_anchor_iou_<kind>``, the mean over the ground-truth boxes of the IoU of the box's best
+    anchor in its image (GA-RPN: its kept guided anchors; RPN: its sliding-window anchors,
+    ``rpn_anchors`` per survey image), and the same per aspect bin, ``best_anchor_iou_<kind>_<bin>``
+    (tall, square, wide). NaN without ground truth."""
+    metrics = {}
+    for kind, anchors in (("rpn", rpn_anchors), ("ga_rpn", found.anchors_per_image)):
+        ious = best_anchor_ious(found.gt_per_image, anchors)  # [K]
+        metrics[f"best_anchor_iou_{kind}"] = float(ious.mean()) if len(ious) else math.nan
+        metrics.update({f"best_anchor_iou_{kind}_{name}": value
+                        for name, value in mean_by_aspect(found.gt_boxes, ious).items()})
+    return metrics
 
 
 def location_metrics(found: ShapeSurvey) -> dict[str, float]:

@@ -116,10 +116,24 @@ def test_anchor_shapes_json_counts(visualized, nodes):
 
 def test_location_metrics_are_fractions(visualized):
     _, result = visualized
+    fit = {f"best_anchor_iou_{kind}{suffix}" for kind in ("rpn", "ga_rpn") for suffix in ("", "_tall", "_square", "_wide")}
     assert set(result.metrics) == {"loc_kept_fraction", "gt_centers_dropped", "guided_anchors_per_image",
-                                   "proposals_iou70_rpn", "proposals_iou70_ga_rpn"}
+                                   "proposals_iou70_rpn", "proposals_iou70_ga_rpn", *fit}
     assert 0 <= result.metrics["loc_kept_fraction"] <= 1 and 0 <= result.metrics["gt_centers_dropped"] <= 1
     assert 0 <= result.metrics["guided_anchors_per_image"] <= 1364
+    assert 0 < result.metrics["best_anchor_iou_rpn"] <= 1 and 0 <= result.metrics["best_anchor_iou_ga_rpn"] <= 1
+
+
+def test_best_anchor_iou_per_box_and_aspect_bin_by_hand():
+    """Each box takes its own image's best anchor; the bins are the evaluation's (h / w >= 2 tall,
+    < 1/2 wide); an image without anchors gives its boxes 0, an empty bin NaN."""
+    gt = [torch.tensor([[0.0, 0.0, 10.0, 40.0], [0.0, 0.0, 10.0, 10.0]]), torch.tensor([[0.0, 0.0, 40.0, 10.0]])]
+    anchors = [torch.tensor([[0.0, 0.0, 10.0, 20.0], [0.0, 0.0, 10.0, 10.0]]), torch.zeros(0, 4)]
+    ious = visualize.best_anchor_ious(gt, anchors)
+    torch.testing.assert_close(ious, torch.tensor([0.5, 1.0, 0.0]))  # tall: 200 / 400; square: exact; no anchors
+    means = visualize.mean_by_aspect(torch.cat(gt), ious)
+    assert means == {"tall": 0.5, "square": 1.0, "wide": 0.0}
+    assert np.isnan(visualize.mean_by_aspect(gt[0][1:], ious[1:2])["tall"])
 
 
 def test_without_location_branch_everything_is_kept(nodes, tmp_path):
