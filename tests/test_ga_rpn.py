@@ -41,6 +41,31 @@ def test_training_returns_the_four_losses_and_finite_gradients_everywhere():
             assert torch.isfinite(param.grad).all(), name
 
 
+def test_grids_cached_under_inference_mode_train_afterwards():
+    """The undeformed sampling grid and the anchor centres are cached per map size: made first
+    under ``torch.inference_mode`` (as the visualize stage runs), they still serve a training step of
+    the same size in the same process, with the losses and gradients of a fresh process's."""
+    from ga_models.anchors import grid_centers
+    from ga_models.layers import _base_grid
+
+    def step():
+        torch.manual_seed(0)
+        model = build_proposer(small()).train()
+        losses = model([toy_image()], [{"boxes": BOXES}])
+        sum(losses.values()).backward()
+        return {k: v.item() for k, v in losses.items()}, model.rpn.head.feature_adaption.conv_offset.weight.grad
+
+    _base_grid.cache_clear(), grid_centers.cache_clear()
+    fresh_losses, fresh_grad = step()
+    _base_grid.cache_clear(), grid_centers.cache_clear()
+    with torch.inference_mode():
+        build_proposer(small()).eval()([toy_image()])
+    assert _base_grid.cache_info().currsize and grid_centers.cache_info().currsize
+    losses, grad = step()
+    assert losses == fresh_losses
+    torch.testing.assert_close(grad, fresh_grad, rtol=0, atol=0)
+
+
 def test_an_image_without_boxes_trains_with_zero_shape_loss():
     torch.manual_seed(0)
     model = build_proposer(small())
