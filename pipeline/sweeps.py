@@ -127,9 +127,10 @@ _TABLE1 = Axis("table1", (
 # Issue 11's fidelity fixes against the conventions the default preset had before them (its
 # results in the README were measured with them; "preset" in the sweep's tables), each alone,
 # centre + beta, all together, and all with K = 15: one axis, GA-RPN only (none changes the RPN).
-# Every point states all four settings, so the sweep means the same whatever the preset says now.
+# Every point states all four settings and K (9 then), so the sweep means the same whatever the
+# preset says now.
 _BEFORE = {"proposer.anchor_center_offset": 0.5, "proposer.location_targets_follow_offset": False,
-           "proposer.shape_loss_norm": "positives", "proposer.ga_reg_beta": 1 / 9}
+           "proposer.shape_loss_norm": "positives", "proposer.ga_reg_beta": 1 / 9, "proposer.approx_samples": 9}
 _FIXES = {
     "centre": {"proposer.anchor_center_offset": 0.0, "proposer.location_targets_follow_offset": True},
     "shape_norm": {"proposer.shape_loss_norm": "reference"},

@@ -102,7 +102,7 @@ EVALS = {"eval_proposals/rpn", "eval_proposals/ga_rpn"}
     ("ga_models/layers.py", BRANCHES),
     ("ga_models/targets.py", BRANCHES),
     ("stages/proposal_cache.py", BRANCHES - {"train/rpn", "train/ga_rpn"}),
-    ("stages/metrics.py", EVALS),
+    ("stages/metrics.py", EVALS | {"visualize"}),  # visualize bins its anchor fit by the evaluation's aspect ranges
     ("stages/eval_proposals.py", EVALS),
     ("stages/visualize.py", {"visualize"}),
     ("stages/plots.py", {"eval_proposals/rpn", "eval_proposals/ga_rpn", "visualize"}),

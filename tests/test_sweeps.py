@@ -39,12 +39,12 @@ def test_every_named_grid_expands_to_its_documented_trials():
     assert list(fidelity) == ["preset", "centre", "shape_norm", "beta", "centre+beta", "all", "all+K15"]
     assert fidelity["preset"] == {"detector.variants": [], "detector.finetune": [], "proposer.anchor_center_offset": 0.5,
                                   "proposer.location_targets_follow_offset": False, "proposer.shape_loss_norm": "positives",
-                                  "proposer.ga_reg_beta": 1 / 9}  # the conventions before issue 11, whatever the preset says
+                                  "proposer.ga_reg_beta": 1 / 9, "proposer.approx_samples": 9}  # before issue 11, whatever the preset says
     assert fidelity["all+K15"] == {**fidelity["all"], "proposer.approx_samples": 15}
     assert fidelity["centre+beta"] == {**fidelity["all"], "proposer.shape_loss_norm": "positives"}
     assert {k for k in fidelity["all"] if k.startswith("proposer.")} == {
         "proposer.anchor_center_offset", "proposer.location_targets_follow_offset", "proposer.shape_loss_norm",
-        "proposer.ga_reg_beta"}
+        "proposer.ga_reg_beta", "proposer.approx_samples"}
     listing = describe()
     assert all(f"  {name:<10}" in listing for name in SWEEPS) and " 8 trials  Fast R-CNN" in listing
 
@@ -96,9 +96,12 @@ def test_planned_trials_reuse_what_they_share_and_target_the_swept_node():
     assert table1[0].keys["train/rpn"] == full["train/rpn"] and table1[4].keys["train/ga_rpn"] == full["train/ga_rpn"]
     assert len({p.keys["train/rpn"] for p in table1[:4]}) == 4  # two seeds x two anchor settings
 
-    # the fidelity fixes: seven GA-RPN trainings, "centre+beta" the default preset's (`pipeline full`'s); never the RPN's
+    # the fidelity fixes: seven GA-RPN trainings, "centre+beta" the default preset's with K = 9 (its K until
+    # the K = 15 seeds chose otherwise); never the RPN's
     fixes = plan_trials(SWEEPS["fidelity"], expand(SWEEPS["fidelity"], 0), "default", [], base)
-    assert {p.targets for p in fixes} == {("eval_proposals/ga_rpn",)} and fixes[4].keys["train/ga_rpn"] == full["train/ga_rpn"]
+    k9 = resolve("default", ["proposer.approx_samples=9"])
+    assert fixes[4].keys["train/ga_rpn"] == cache_keys(k9, build_dag(k9))["train/ga_rpn"] != full["train/ga_rpn"]
+    assert {p.targets for p in fixes} == {("eval_proposals/ga_rpn",)}
     assert len({p.keys["train/ga_rpn"] for p in fixes}) == 7 and "train/rpn" not in {n for p in fixes for n in p.targets}
 
     table7 = plan_trials(SWEEPS["proposals"], expand(SWEEPS["proposals"], 0), "default", [], base)
