@@ -251,7 +251,7 @@ def _anchor_fit(m: Mapping[str, float]) -> str:
     parts = [f"{label} {m[f'best_anchor_iou_{kind}']:.2f} (tall / square / wide "
              + " / ".join(f"{m.get(f'best_anchor_iou_{kind}_{b}', float('nan')):.2f}" for b in ("tall", "square", "wide"))
              + ")" for kind, label in kinds.items()]
-    return " The best anchor of a ground-truth box has a mean IoU of " + " against ".join(parts) + "."
+    return " Mean IoU of each ground-truth box's best anchor: " + ", ".join(parts) + "."
 
 
 def detector_table(anchor: str, title: str, reference: Mapping[str, float], full: Mapping[str, Result],

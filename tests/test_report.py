@@ -134,8 +134,8 @@ def test_table1_says_what_the_location_filter_keeps_and_drops():
            for bin_, value in zip(("", "_tall", "_square", "_wide"), values)}
     fitted = result_of([{"loc_kept_fraction": 0.8, "gt_centers_dropped": 0.0, "guided_anchors_per_image": 4349.0, **fit}])
     assert build_tables(CFG, FullRun({"visualize": fitted}, {}, {}), [], "w")[0].notes[0].endswith(
-        "centre. The best anchor of a ground-truth box has a mean IoU of GA-RPN's guided anchors 0.71 (tall / square / "
-        "wide 0.60 / 0.80 / 0.50) against RPN's sliding-window anchors 0.60 (tall / square / wide 0.50 / 0.70 / 0.40).")
+        "centre. Mean IoU of each ground-truth box's best anchor: GA-RPN's guided anchors 0.71 (tall / square / "
+        "wide 0.60 / 0.80 / 0.50), RPN's sliding-window anchors 0.60 (tall / square / wide 0.50 / 0.70 / 0.40).")
 
 
 def test_table1_takes_the_full_run_where_the_seeded_sweep_has_no_row():
