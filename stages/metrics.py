@@ -294,23 +294,31 @@ def _areas_setting(gt: COCO, max_dets: Sequence[int]) -> RecallSetting:
     return gt, tuple(max_dets), tuple(AREA_RANGES.values())
 
 
+def aspect_bin(width: float, height: float) -> str | None:
+    """The ``ASPECT_RANGES`` bin of a box of width x height (by h / w); None for zero width."""
+    if width > 0:
+        for name, (low, high) in ASPECT_RANGES.items():
+            if low <= height / width < high:
+                return name
+    return None
+
+
 def _aspect_setting(gt: COCO, num_proposals: int) -> RecallSetting:
     """One setting whose area ranges are the bins of ``ASPECT_RANGES``: a copy of the ground truth
     in which each box's ``area`` is its bin's number (1, 2, ...; 0 for a box of zero width), so
     that COCOeval's area filter ignores the boxes outside a bin. The matcher never prefers an
     ignored box to a box of the bin and an ignored box is never missed, so a bin's recall is that
     of its boxes alone (crowd boxes stay ignored in every bin)."""
-    bins = list(ASPECT_RANGES.values())
+    codes = {name: i + 1 for i, name in enumerate(ASPECT_RANGES)}
     anns = []
     for ann in gt.dataset["annotations"]:
         _, _, w, h = ann["bbox"]
-        code = next((i + 1 for i, (low, high) in enumerate(bins) if w > 0 and low <= h / w < high), 0)
-        anns.append({**ann, "area": float(code)})
+        anns.append({**ann, "area": float(codes.get(aspect_bin(w, h), 0))})
     binned = COCO()
     binned.dataset = {**gt.dataset, "annotations": anns}
     with quiet():
         binned.createIndex()
-    return binned, (num_proposals,), tuple((i + 0.5, i + 1.5) for i in range(len(bins)))
+    return binned, (num_proposals,), tuple((code - 0.5, code + 0.5) for code in codes.values())
 
 
 def _table1(recall: np.ndarray, max_dets: Sequence[int]) -> dict[str, float]:

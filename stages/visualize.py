@@ -48,7 +48,7 @@ from ga_models.rpn import HeadOutputs
 from stages.contract import Executor, Input, Output, StageResult, only
 from stages.datasets import CocoDetection, open_split
 from stages.io import load_torch, write_json
-from stages.metrics import ASPECT_RANGES
+from stages.metrics import ASPECT_RANGES, aspect_bin
 from stages.plots import save_png
 from stages.proposal_cache import ProposalCache
 from stages.proposals import load_proposer
@@ -114,13 +114,14 @@ class GuidedImage(NamedTuple):
 class ShapeSurvey(NamedTuple):
     """What the first ``shape_images`` val images give (see ``survey``).
 
-    image_ids / gt_per_image: the images and their ground truth, Tensor[K_i, 4] each; gt_boxes:
-    Tensor[K, 4] all of it; anchors_per_image: the kept guided anchors of each image, Tensor[M_i, 4];
-    kept_fractions / kept_counts: per image kept locations / A and kept locations; dropped:
-    ground-truth boxes whose centre pixel has p < eps_L.
+    image_ids / image_sizes / gt_per_image: the images, their (h, w) and their ground truth,
+    Tensor[K_i, 4] each; gt_boxes: Tensor[K, 4] all of it; anchors_per_image: the kept guided
+    anchors of each image, Tensor[M_i, 4]; kept_fractions / kept_counts: per image kept locations
+    / A and kept locations; dropped: ground-truth boxes whose centre pixel has p < eps_L.
     """
 
     image_ids: list[int]
+    image_sizes: list[tuple[int, int]]
     gt_per_image: list[Tensor]
     gt_boxes: Tensor
     anchors_per_image: list[Tensor]
@@ -164,10 +165,12 @@ def run(cfg: VisualizeConfig, inputs: Mapping[str, Input], out: Output, executor
     num_shape = min(cfg.shape_images, len(dataset))
     logger.info("visualize: anchor shapes over %d val image(s), eps_L = %g", num_shape, eps)
     found = survey(ga_rpn, dataset, num_shape, eps)
+    by_size = {size: sliding_window_anchors(rpn, size) for size in dict.fromkeys(found.image_sizes)}
+    rpn_anchors = [by_size[size] for size in found.image_sizes]  # per survey image
     sets = {
         "ground_truth": found.gt_boxes,
         "guided_anchors": found.guided_anchors,
-        "sliding_window_anchors": sliding_window_anchors(rpn, dataset[0][0]),
+        "sliding_window_anchors": rpn_anchors[0],
     }
     summary = shape_summary({name: boxes.numpy() for name, boxes in sets.items()})
     write_json(out.dir / SHAPES_JSON, {"shape_images": num_shape, "loc_threshold": eps, "sets": summary}, indent=1)
@@ -184,7 +187,6 @@ def run(cfg: VisualizeConfig, inputs: Mapping[str, Input], out: Output, executor
     save_png(plot_examples(examples, cfg.ga_rpn, cfg.top_proposals), out.dir / EXAMPLES_PNG)
 
     outputs = {"plots": [EXAMPLES_PNG, SHAPES_PNG, IOU_PNG], "anchor_shapes": SHAPES_JSON, "iou_distribution": IOU_JSON}
-    rpn_anchors = [sliding_window_anchors(rpn, dataset[index][0]) for index in range(num_shape)]
     metrics = {**location_metrics(found), **anchor_fit_metrics(found, rpn_anchors),
                **{f"proposals_iou70_{kind}": counts[IOU_THRESHOLDS.index(0.7)] for kind, counts in distribution.items()}}
     return StageResult(metrics, outputs, (EXAMPLES_PNG, SHAPES_PNG, IOU_PNG, SHAPES_JSON, IOU_JSON))
@@ -228,12 +230,13 @@ def predict(model: Proposer, image: Tensor) -> tuple[HeadOutputs, tuple[int, int
     return model.rpn.predict(image_list, list(features.values())), tuple(image_list.image_sizes[0])
 
 
-def sliding_window_anchors(model: Proposer, image: Tensor) -> Tensor:
-    """The RPN's anchors of one image Tensor[3, h, w] (every level, every location, its anchor
-    generator's): Tensor[A, 4] xyxy in original pixels."""
-    out, input_size = predict(model, image)
+def sliding_window_anchors(model: Proposer, image_size: tuple[int, int]) -> Tensor:
+    """The RPN's anchors of an image of image_size (h, w) (every level, every location, its anchor
+    generator's; they depend on the size alone, so a blank image of it stands in): Tensor[A, 4]
+    xyxy in original pixels."""
+    out, input_size = predict(model, torch.zeros(3, *image_size))
     anchors = torch.cat(out.anchors, dim=1)[0]  # per level [1, A_l, 4] -> [A, 4]
-    return resize_boxes(anchors, input_size, tuple(image.shape[-2:]))
+    return resize_boxes(anchors, input_size, image_size)
 
 
 def guided_image(model: Proposer, image: Tensor) -> GuidedImage:
@@ -302,17 +305,18 @@ def dropped_centers(prob: Tensor, boxes: Tensor, loc_threshold: float) -> Tensor
 def survey(model: Proposer, dataset: CocoDetection, num_images: int, loc_threshold: float) -> ShapeSurvey:
     """GA-RPN over ``dataset[:num_images]``: ground truth, kept guided anchors, kept locations and
     the ground-truth centres the location filter drops."""
-    ids, gt, anchors, fractions, counts, dropped = [], [], [], [], [], 0
+    ids, sizes, gt, anchors, fractions, counts, dropped = [], [], [], [], [], [], 0
     for index in range(num_images):
         image, target = dataset[index]
         guided = guided_image(model, image)
         ids.append(int(target["image_id"]))
+        sizes.append(tuple(image.shape[-2:]))
         gt.append(target["boxes"])
         anchors.append(guided.anchors)
         fractions.append(len(guided.anchors) / guided.num_locations)
         counts.append(len(guided.anchors))
         dropped += int(dropped_centers(guided.prob, target["boxes"], loc_threshold).sum())
-    return ShapeSurvey(ids, gt, torch.cat(gt), anchors, fractions, counts, dropped)
+    return ShapeSurvey(ids, sizes, gt, torch.cat(gt), anchors, fractions, counts, dropped)
 
 
 def best_anchor_ious(gt_per_image: Sequence[Tensor], anchors_per_image: Sequence[Tensor]) -> Tensor:
@@ -326,12 +330,11 @@ def best_anchor_ious(gt_per_image: Sequence[Tensor], anchors_per_image: Sequence
 
 def mean_by_aspect(boxes: Tensor, values: Tensor) -> dict[str, float]:
     """Mean of values Tensor[K] over the boxes Tensor[K, 4] of each aspect bin of ``ASPECT_RANGES``
-    (h / w, the bins of the evaluation's per-aspect recall): NaN for an empty bin."""
-    wh = boxes[:, 2:] - boxes[:, :2]
-    aspect = wh[:, 1] / wh[:, 0]  # [K]
+    (``aspect_bin``, as the evaluation's per-aspect recall bins them): NaN for an empty bin."""
+    bins = [aspect_bin(w, h) for w, h in (boxes[:, 2:] - boxes[:, :2]).tolist()]  # [K]
     means = {}
-    for name, (low, high) in ASPECT_RANGES.items():
-        inside = (aspect >= low) & (aspect < high)
+    for name in ASPECT_RANGES:
+        inside = torch.tensor([b == name for b in bins], dtype=torch.bool)
         means[name] = float(values[inside].mean()) if bool(inside.any()) else math.nan
     return means
 

@@ -30,11 +30,12 @@ def pipeline(*args: str) -> list[str]:
 def running(args: list[str], env: dict, log: Path) -> Iterator[subprocess.Popen]:
     """A pipeline process in its own session, output to ``log``; when the block exits, whatever is
     left of its process group (its Ray included) is killed."""
-    proc = subprocess.Popen(args, cwd=ROOT, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True)
-    try:
-        yield proc
-    finally:
-        kill_group(proc)
+    with log.open("w") as out:
+        proc = subprocess.Popen(args, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            yield proc
+        finally:
+            kill_group(proc)
 
 
 def wait_for(proc: subprocess.Popen, ready, what: str, seconds: float = 300) -> None:
