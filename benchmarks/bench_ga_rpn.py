@@ -25,8 +25,8 @@ from pathlib import Path
 import torch
 
 from ga_models import GuidedAnchorHead, ProposerConfig, build_proposer, load_state_dict_checked
-from stages.datasets import CocoDetection, collate
-from stages.synthetic import generate
+from stages.common.datasets import CocoDetection, collate
+from stages.common.synthetic import generate
 
 GOALS = {"max_sparse_head_ratio_at_6.5%": 0.2, "max_ga_vs_rpn_inference_ratio": 1.2}
 FRACTIONS = (1.0, 0.3, 0.065, 0.03)

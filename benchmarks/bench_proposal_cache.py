@@ -31,7 +31,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from stages.proposal_cache import ROWS_PER_GROUP, SCHEMA, ProposalCache
+from stages.common.proposal_cache import ROWS_PER_GROUP, SCHEMA, ProposalCache
 
 GOALS = {"max_slowdown_vs_raw": 1.5, "max_random_read_ms": 5.0, "max_bytes_per_proposal": 20.0}
 

@@ -2,7 +2,7 @@
 
 Generates a synthetic ground truth (N images, about 7 boxes each, COCO-like sizes and aspect
 ratios) and K proposals per image (jittered ground-truth boxes mixed with random boxes, so recall
-varies with IoU and with the number of proposals), then runs ``stages.metrics.evaluate_proposals``
+varies with IoU and with the number of proposals), then runs ``stages.common.metrics.evaluate_proposals``
 once per backend, each in its own process so that peak RSS is that backend's alone. Prints the
 time, peak RSS, the AR values and their largest difference; writes JSON (default
 benchmarks/results/proposal_eval.json).
@@ -70,8 +70,8 @@ def make_proposals(dataset: dict, k: int, seed: int) -> dict[int, tuple[np.ndarr
 
 
 def _run(backend: str, num_images: int, k: int, seed: int, queue) -> None:
-    from stages import metrics
-    from stages.coco import load_coco
+    from stages.common import metrics
+    from stages.common.coco import load_coco
 
     dataset = make_ground_truth(num_images, seed)
     proposals = make_proposals(dataset, k, seed)

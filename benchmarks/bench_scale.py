@@ -32,7 +32,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from stages.proposal_cache import ProposalCache
+from stages.common.proposal_cache import ProposalCache
 
 ROOT = Path(__file__).resolve().parents[1]
 COCO_TRAIN = {"images": 118_287, "boxes": 860_001}

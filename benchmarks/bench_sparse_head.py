@@ -51,8 +51,8 @@ def kept_fraction(model: torch.nn.Module, images: list[torch.Tensor]) -> float:
 
 def model_ratios(workdir: Path, num_images: int) -> dict[str, dict]:
     """GA-RPN vs RPN seconds per image at eps_L giving ~3% to 100% kept locations, 1 and 2 threads."""
-    from stages.datasets import CocoDetection
-    from stages.synthetic import generate
+    from stages.common.datasets import CocoDetection
+    from stages.common.synthetic import generate
 
     models = trained_models(workdir)
     with TemporaryDirectory() as tmp:

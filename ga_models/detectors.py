@@ -26,8 +26,9 @@ from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHe
 from torchvision.models.detection.retinanet import RetinaNetHead
 
 from .backbones import RETINA_STRIDES, build_backbone
+from .fields import INFERENCE_ONLY
 from .precomputed import FastRCNN
-from .proposer import IMAGE_MEAN, IMAGE_STD, INFERENCE_ONLY, SIZE_DIVISIBLE, ProposerConfig, anchor_guidance, build_proposal_network
+from .proposer import IMAGE_MEAN, IMAGE_STD, SIZE_DIVISIBLE, ProposerConfig, anchor_guidance, build_proposal_network
 from .retinanet import SHAPE_ASSIGNER_IOUS, GARetinaNet, GARetinaNetHead
 
 DETECTOR_KINDS = ("fast_rcnn", "faster_rcnn", "retinanet")

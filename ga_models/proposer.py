@@ -15,20 +15,13 @@ from torchvision.ops import boxes as box_ops
 
 from .anchors import APPROX_SHAPE_SETS
 from .backbones import BACKBONES, FPN_STRIDES, build_backbone
+from .fields import GA_ONLY, INFERENCE_ONLY, RPN_ONLY, flags, read_by
 from .ga_rpn import GARPN
 from .guidance import SHAPE_LOSS_NORMS, AnchorGuidance
 from .head import GuidedAnchorHead
 from .rpn import ProposalNetworkBase, build_rpn
 from .validation import check_box_values, check_images, check_targets
 
-# Field metadata of a ProposerConfig field used only at inference: it changes proposals, not the
-# trained weights, so a training node's cache key leaves it out.
-INFERENCE_ONLY = {"inference_only": True}
-# Field metadata of a setting only GA-RPN reads: the RPN baseline's config carries it at its
-# default (``ProposerConfig.for_kind``), so that sweeping it never re-keys (retrains) the baseline.
-GA_ONLY = {"ga_only": True}
-# ... and of a setting only the RPN baseline reads (GA-RPN's config carries it at its default).
-RPN_ONLY = {"rpn_only": True}
 # The paper's lambda2 (shape-loss weight next to lambda1 = 1) in ``shape_weight`` units: the
 # paper's 0.1 assumes a ~10x larger location loss than the reference's normalisation gives (see
 # ``losses.location_loss``), so its balance is shape_weight = 10 x lambda2.
@@ -63,7 +56,7 @@ class ProposerConfig:
     use_feature_adaption: bool = field(default=True, metadata=GA_ONLY)
     center_alignment: bool = field(default=True, metadata=GA_ONLY)
     adaption: str = field(default="guided", metadata=GA_ONLY)  # "guided" | "plain_deform"
-    loc_threshold: float = field(default=0.01, metadata={**INFERENCE_ONLY, **GA_ONLY})  # eps_L
+    loc_threshold: float = field(default=0.01, metadata=flags(INFERENCE_ONLY, GA_ONLY))  # eps_L
     approx_samples: int = field(default=9, metadata=GA_ONLY)  # K of the vIoU estimate: 3, 9, 15
     center_ratio: float = field(default=0.2, metadata=GA_ONLY)  # sigma1
     ignore_ratio: float = field(default=0.5, metadata=GA_ONLY)  # sigma2
@@ -129,8 +122,7 @@ class ProposerConfig:
     def for_kind(self, kind: str) -> ProposerConfig:
         """This config as a ``kind`` proposer, with every setting only the other kind reads at its
         default (``GA_ONLY``, ``RPN_ONLY``), so that changing one never re-keys the other."""
-        unread = "ga_only" if kind == "rpn" else "rpn_only"
-        return replace(self, kind=kind, **{f.name: f.default for f in fields(self) if f.metadata.get(unread)})
+        return replace(self, kind=kind, **{f.name: f.default for f in fields(self) if not read_by(f, kind)})
 
 
 class Proposer(nn.Module):

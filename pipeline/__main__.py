@@ -12,15 +12,16 @@ import time
 from pathlib import Path
 
 from pipeline import lock, logs
-from pipeline.config import VARIANTS, ConfigError, PipelineConfig, flatten, resolve, to_dict, to_yaml
+from pipeline.config import ConfigError, PipelineConfig, flatten, resolve, to_dict, to_yaml
 from pipeline.dag import Node, build_dag, cache_keys, make_plan
 from pipeline.lock import WorkdirBusy
 from pipeline.runtime import RayAddressError, ResourceError, handle_sigterm
 from pipeline.stage_table import STAGE_NAMES, demands
 from pipeline.store import ArtifactStore, StoreError
 from pipeline.tracking import TrackingError
-from stages.coco import DatasetError
-from stages.io import atomic_write, write_json
+from stages.common.coco import DatasetError
+from stages.common.io import atomic_write, write_json
+from stages.common.variants import PROPOSERS
 
 DESCRIPTION = """Guided Anchoring experiment pipeline: trains the RPN baseline and GA-RPN with Ray Train,
 caches their proposals to Parquet, evaluates them, writes a report, and logs it all to MLflow.
@@ -50,7 +51,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     base.add_argument("--verbose", "-v", action="store_true",
                       help="also show Ray Train's own log lines and every node's debug output")
     common = argparse.ArgumentParser(add_help=False, parents=[base])
-    common.add_argument("--variant", choices=VARIANTS, help="only this variant's branch of the DAG")
+    common.add_argument("--variant", choices=PROPOSERS, help="only this variant's branch of the DAG")
     common.add_argument("--force", action="append", default=[], metavar="STAGE",
                         help="re-run STAGE (or node id like train/rpn) even if cached (repeatable)")
     common.add_argument("--from", dest="rerun_from", action="append", default=[], metavar="STAGE",
@@ -195,7 +196,7 @@ def _run_locked(args, cfg: PipelineConfig, plan, keys, store: ArtifactStore, wor
 
 
 def _sweep(args: argparse.Namespace) -> int:
-    from pipeline.sweeps import SWEEPS, adhoc_sweep, describe, expand, with_axes
+    from pipeline.sweeps.grids import SWEEPS, adhoc_sweep, describe, expand, with_axes
     from stages.data import check_paths
 
     if args.list:
@@ -215,8 +216,8 @@ def _sweep(args: argparse.Namespace) -> int:
 
 def _run_sweep(args, sweep, cfg: PipelineConfig, trials) -> int:
     from pipeline import runtime, tracking
-    from pipeline.sweep_runner import plan_trials, run_sweep, sweep_key
-    from pipeline.sweep_table import INTERRUPTED, render, table_rows
+    from pipeline.sweeps.table import INTERRUPTED, render, table_rows
+    from pipeline.sweeps.tune import plan_trials, run_sweep, sweep_key
 
     started = time.perf_counter()
     preset_name = Path(args.preset).stem
@@ -282,7 +283,7 @@ def _publish_report(cfg: PipelineConfig, store: ArtifactStore, workdir: Path, tr
     """The report of the work directory, logged to the invocation's run; False (and the error
     on stderr; the caller fails the run and exits 1) when it could not be written: the results it
     reads are left as they were."""
-    from pipeline.report import publish
+    from pipeline.report.build import publish
 
     try:
         return publish(cfg, store, workdir, tracker, tracker.parent_id, command)
@@ -293,7 +294,7 @@ def _publish_report(cfg: PipelineConfig, store: ArtifactStore, workdir: Path, tr
 
 
 def _report_summary(written) -> str:
-    from pipeline.report import summary
+    from pipeline.report.build import summary
 
     return summary(written)
 

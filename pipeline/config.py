@@ -7,9 +7,9 @@ Sections and the dataclass each maps onto (no second copy of any field):
     data             stages.data.DataConfig
     proposer         ga_models.ProposerConfig without ``kind`` (set per variant); its
                      ``min_size``/``max_size`` are the size images enter the models at
-    train            stages.training.TrainConfig (the proposers' schedule)
-    proposals        stages.proposals.ProposalsConfig
-    detector         stages.detection.DetectorsConfig (which detectors, their settings and
+    train            stages.common.training.TrainConfig (the proposers' schedule)
+    proposals        stages.common.inference.ProposalsConfig
+    detector         stages.common.detection.DetectorsConfig (which detectors, their settings and
                      schedule: ``detector.train`` is a TrainConfig)
     sweep            SweepConfig (how ``pipeline sweep`` schedules its Ray Tune trials; no node
                      reads it, so it changes no cache key)
@@ -30,13 +30,13 @@ import yaml
 
 from ga_models import ProposerConfig
 from ga_models.detectors import DetectorConfig
+from stages.common.detection import DetectorsConfig
+from stages.common.inference import ProposalsConfig
+from stages.common.training import TrainConfig
+from stages.common.variants import PROPOSERS
 from stages.data import DataConfig
-from stages.detection import DetectorsConfig
-from stages.proposals import ProposalsConfig
-from stages.training import TrainConfig
 
 PRESET_DIR = Path(__file__).with_name("presets")
-VARIANTS = ("rpn", "ga_rpn")  # variant name = ProposerConfig.kind
 PROPOSER_DERIVED = ("kind",)
 # Keys that moved, with where they went (an old preset or --set gets a pointed error).
 MOVED = {"data.min_size": "proposer.min_size", "data.max_size": "proposer.max_size"}
@@ -99,12 +99,12 @@ class PipelineConfig:
 
     def proposer_for(self, variant: str) -> ProposerConfig:
         """The full ProposerConfig of a variant (``kind`` = variant)."""
-        if variant not in VARIANTS:
-            raise ConfigError(f"unknown variant {variant!r} (one of {', '.join(VARIANTS)})")
+        if variant not in PROPOSERS:
+            raise ConfigError(f"unknown variant {variant!r} (one of {', '.join(PROPOSERS)})")
         return self.proposer.for_kind(variant)
 
     def detector_for(self, variant: str) -> DetectorConfig:
-        """The model of a detector variant (``stages.detection``; ``finetune_<source>`` too)."""
+        """The model of a detector variant (``stages.common.detection``; ``finetune_<source>`` too)."""
         return self.detector.spec(variant, self.proposer)
 
     def detector_finetune_variants(self) -> tuple[str, ...]:

@@ -9,7 +9,7 @@ derived from the stage table (``pipeline.stage_table.STAGES``) and the config::
     train_detector/faster_rcnn + proposals/* ─> finetune/* ─> eval_detector/* ─┘
     proposals/{rpn,ga_rpn} + train/ga_rpn ─> visualize
 
-(The report is written after the DAG from what the workdir holds: ``pipeline.report``.)
+(The report is written after the DAG from what the workdir holds: ``pipeline.report.build``.)
 
 Cache key of a node = sha256 of (its stage and variant, its config slice as the stage record
 derives it, the stage's fingerprint of external inputs, its inputs' keys, the digest of the
@@ -27,14 +27,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ga_models.fields import affects_result, is_inference_only
 from pipeline.code_hash import ROOT, code_digest
-from pipeline.config import VARIANTS, PipelineConfig
+from pipeline.config import PipelineConfig
 from pipeline.stage_table import STAGES, Stage
 from stages import data
-
-# Field-metadata flags declared on the config dataclasses (``field(metadata=...)``).
-INFERENCE_ONLY = "inference_only"  # changes proposals, not trained weights
-AFFECTS_RESULT = "affects_result"  # False: cannot change any output (logging, retries)
+from stages.common.variants import PROPOSERS
 
 
 @dataclass(frozen=True)
@@ -56,7 +54,7 @@ def build_dag(cfg: PipelineConfig, proposers: tuple[str, ...] | None = None) -> 
     nodes: dict[str, Node] = {}
     for stage in STAGES:
         variants = stage.variants(cfg) if stage.variants else (None,)
-        if proposers is not None and stage.variants and set(stage.variants(cfg)) <= set(VARIANTS):
+        if proposers is not None and stage.variants and set(stage.variants(cfg)) <= set(PROPOSERS):
             variants = tuple(v for v in variants if v in proposers)
         for variant in variants:
             deps: list[str] = []
@@ -92,10 +90,10 @@ def keyed_slice(cfg: PipelineConfig, node: Node) -> Any:
 
 def keyed_config(obj: Any, drop_inference: bool) -> Any:
     """A config slice as plain data for the cache key: dataclass fields flagged
-    ``affects_result=False`` are left out, and ``inference_only`` ones when ``drop_inference``."""
+    ``NO_EFFECT`` are left out, and ``INFERENCE_ONLY`` ones when ``drop_inference`` (``ga_models.fields``)."""
     if dataclasses.is_dataclass(obj):
         return {f.name: keyed_config(getattr(obj, f.name), drop_inference) for f in dataclasses.fields(obj)
-                if f.metadata.get(AFFECTS_RESULT, True) and not (drop_inference and f.metadata.get(INFERENCE_ONLY))}
+                if affects_result(f) and not (drop_inference and is_inference_only(f))}
     if isinstance(obj, (list, tuple)):
         return [keyed_config(v, drop_inference) for v in obj]
     return obj

@@ -36,8 +36,8 @@ from pipeline import logs, runtime, tracking
 from pipeline.failures import error_line, is_system_failure
 from pipeline.stage_table import Resources
 from pipeline.store import ArtifactStore
+from stages.common.io import save_torch
 from stages.contract import CHECKPOINT_FILE, Input, Output, StageResult, TrainContext
-from stages.io import save_torch
 
 logger = logging.getLogger(__name__)
 RAY_TRAIN_DIR = "_ray_train"

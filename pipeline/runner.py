@@ -21,7 +21,7 @@ from pipeline.failures import error_line
 from pipeline.stage_table import BY_NAME
 from pipeline.store import ArtifactStore
 from pipeline.tracking import Tracker
-from stages.io import json_safe
+from stages.common.io import json_safe
 
 logger = logging.getLogger(__name__)
 

@@ -7,8 +7,8 @@ A record says:
   into the node's cache key, see ``pipeline.code_hash``);
 - ``variants(cfg)``: its nodes' variants (``train/rpn``, ``train/ga_rpn``), or None for one node;
 - ``config(cfg, variant)``: the stage's typed config slice, passed to ``run`` and hashed into
-  the key (fields flagged ``affects_result=False`` left out, and, for stages that produce
-  trained weights, fields flagged ``inference_only``);
+  the key (fields flagged ``NO_EFFECT`` left out, and, for stages that produce trained weights,
+  fields flagged ``INFERENCE_ONLY``: ``ga_models.fields``);
 - ``deps(cfg, variant)``: the nodes it reads, as ids or templates: ``"data"``,
   ``"train/{variant}"`` (the same variant), ``"eval_proposals/*"`` (every node of that stage);
 - ``fingerprint(cfg)``: what its output depends on outside the config (input files' content);
@@ -26,19 +26,11 @@ from dataclasses import dataclass
 from types import ModuleType
 from typing import Any, Literal
 
-from pipeline.config import VARIANTS, PipelineConfig
-from stages import (
-    data,
-    detection,
-    eval_detector,
-    eval_proposals,
-    finetune,
-    proposals,
-    train_detector,
-    train_proposer,
-    visualize,
-)
-from stages.training import TrainConfig
+from pipeline.config import PipelineConfig
+from stages import data, eval_detector, eval_proposals, finetune, proposals, train, train_detector, visualize
+from stages.common.metrics import DETECTION_STATS, PROPOSAL_STATS
+from stages.common.training import TrainConfig
+from stages.common.variants import FINETUNE_BASE, PROPOSER_LABELS, PROPOSERS, proposal_source
 
 
 @dataclass(frozen=True)
@@ -89,7 +81,7 @@ def _gpus(cfg: PipelineConfig) -> int:
 
 
 def _proposers(cfg: PipelineConfig) -> tuple[str, ...]:
-    return VARIANTS
+    return PROPOSERS
 
 
 def _evaluated_detectors(cfg: PipelineConfig) -> tuple[str, ...]:
@@ -100,22 +92,22 @@ def _evaluated_detectors(cfg: PipelineConfig) -> tuple[str, ...]:
 def _proposal_splits(cfg: PipelineConfig, variant: str) -> tuple[str, ...]:
     """``val``, and ``train`` when a detector trains on this proposer's cached proposals."""
     readers = _evaluated_detectors(cfg)
-    return ("val", "train") if any(detection.proposal_source(v) == variant for v in readers) else ("val",)
+    return ("val", "train") if any(proposal_source(v) == variant for v in readers) else ("val",)
 
 
 def _detector_deps(cfg: PipelineConfig, variant: str) -> tuple[str, ...]:
     """A detector's inputs: the data, the proposals it reads, the model it starts from."""
-    source = detection.proposal_source(variant)
+    source = proposal_source(variant)
     deps = ("data",) + ((f"proposals/{source}",) if source else ())
     if variant.startswith("finetune_"):
-        return (*deps, f"train_detector/{detection.FINETUNE_BASE}")
+        return (*deps, f"train_detector/{FINETUNE_BASE}")
     return (*deps, "train/rpn") if cfg.detector.backbone_init == "rpn" else deps
 
 
 def _eval_detector_deps(cfg: PipelineConfig, variant: str) -> tuple[str, ...]:
     """An evaluation's inputs: the trained model, the data, the val proposals it reads."""
     model = f"finetune/{variant.removeprefix('finetune_')}" if variant.startswith("finetune_") else f"train_detector/{variant}"
-    source = detection.proposal_source(variant)
+    source = proposal_source(variant)
     return (model, "data") + ((f"proposals/{source}",) if source else ())
 
 
@@ -139,8 +131,8 @@ STAGES: tuple[Stage, ...] = (
         key_metrics=("num_train_images", "num_val_images"),
     ),
     Stage(
-        "train", train_proposer, variants=_proposers, deps=lambda cfg, v: ("data",), trains_weights=True, reads_split="train",
-        config=lambda cfg, v: train_proposer.TrainProposerConfig(cfg.proposer_for(v), cfg.train),
+        "train", train, variants=_proposers, deps=lambda cfg, v: ("data",), trains_weights=True, reads_split="train",
+        config=lambda cfg, v: train.TrainProposerConfig(cfg.proposer_for(v), cfg.train),
         key_metrics=("loss", "train_seconds"),
         resources=lambda cfg: _training(cfg.train, "train"),
     ),
@@ -152,8 +144,8 @@ STAGES: tuple[Stage, ...] = (
     ),
     Stage(
         "eval_proposals", eval_proposals, variants=_proposers, deps=lambda cfg, v: ("proposals/{variant}", "data"),
-        config=lambda cfg, v: eval_proposals.EvalProposalsConfig(eval_proposals.VARIANT_LABELS.get(v, v)),
-        key_metrics=("AR_100", "AR_300", "AR_1000"),
+        config=lambda cfg, v: eval_proposals.EvalProposalsConfig(PROPOSER_LABELS[v]),
+        key_metrics=PROPOSAL_STATS[:3],
     ),
     Stage(
         "train_detector", train_detector, variants=lambda cfg: cfg.detector.variants, deps=_detector_deps, trains_weights=True,
@@ -173,7 +165,7 @@ STAGES: tuple[Stage, ...] = (
         "eval_detector", eval_detector, variants=_evaluated_detectors,
         deps=_eval_detector_deps,
         config=lambda cfg, v: eval_detector.EvalDetectorConfig(cfg.detector_for(v), cfg.proposals),
-        key_metrics=("AP", "AP50", "AP75"),
+        key_metrics=DETECTION_STATS[:3],
         resources=_inference,
     ),
     Stage(

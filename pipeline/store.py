@@ -32,7 +32,7 @@ from pathlib import Path
 
 import pyarrow.fs as pafs
 
-from stages.io import filesystem_for, json_safe, write_json
+from stages.common.io import filesystem_for, json_safe, write_json
 
 MANIFEST = "manifest.json"
 _CHUNK = 1 << 20

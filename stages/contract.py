@@ -31,7 +31,7 @@ from typing import Any, Protocol, TypeVar
 import torch
 from torch import nn
 
-from stages.io import load_torch, save_torch
+from stages.common.io import load_torch, save_torch
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -103,11 +103,18 @@ def local_output(directory: str | os.PathLike) -> Output:
     return Output(path, str(path))
 
 
-def only(inputs: Mapping[str, Input], stage: str) -> Input:
-    """The single input produced by ``stage`` (``ValueError`` naming the stage otherwise)."""
-    found = [i for i in inputs.values() if i.stage == stage]
+def only(inputs: Mapping[str, Input], stage: str | tuple[str, ...], variant: str | None = None, *,
+         required: bool = True) -> Input | None:
+    """The single input produced by ``stage`` (or by one of several stages), of ``variant`` when
+    given: ``ValueError`` naming what was expected when there is none (and ``required``) or
+    several; None when there is none and not ``required``."""
+    stages = (stage,) if isinstance(stage, str) else stage
+    found = [i for i in inputs.values() if i.stage in stages and (variant is None or i.variant == variant)]
+    if not found and not required:
+        return None
     if len(found) != 1:
-        raise ValueError(f"expected exactly one input from stage {stage!r}, got {[i.node_id for i in found]}")
+        wanted = " or ".join(f"stage {s!r}" for s in stages) + (f" (variant {variant!r})" if variant else "")
+        raise ValueError(f"expected exactly one input from {wanted}, got {[i.node_id for i in found]}")
     return found[0]
 
 

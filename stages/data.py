@@ -17,8 +17,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from stages import synthetic
-from stages.coco import DatasetError, DatasetWarning, ValidatedCoco, check_image_files, load_coco, validate_coco
+from stages.common import synthetic
+from stages.common.coco import DatasetError, DatasetWarning, ValidatedCoco, check_image_files, load_coco, validate_coco
 from stages.contract import Executor, Input, Output, StageResult
 
 SPLITS = ("train", "val")
@@ -31,7 +31,7 @@ _COCO_FIELDS = ("train_ann", "train_images", "val_ann", "val_images")
 class DataConfig:
     """Which dataset.
 
-    Either ``synthetic`` names a size of ``stages.synthetic.SIZES`` (``num_train``/``num_val``/
+    Either ``synthetic`` names a size of ``stages.common.synthetic.SIZES`` (``num_train``/``num_val``/
     ``image_size`` override that size's numbers when set), or ``synthetic`` is None and the four
     COCO paths are set (relative paths are taken relative to ``root``). The size at which images
     enter a model is the model's setting (``proposer.min_size``/``max_size``), not the data's.
@@ -151,7 +151,7 @@ def run(cfg: DataConfig, inputs: Mapping[str, Input], out: Output, executor: Exe
     to the node directory for the synthetic dataset, absolute for COCO). Metrics per split:
     ``num_<split>_images``, ``num_<split>_skipped_boxes``, ``num_<split>_clipped_boxes``,
     ``num_<split>_areas_filled`` (missing ``area`` fields computed from the box). Raises
-    ``stages.coco.DatasetError`` naming the file and id of a broken annotation.
+    ``stages.common.coco.DatasetError`` naming the file and id of a broken annotation.
     """
     if cfg.synthetic is not None:
         sizes = cfg.synthetic_sizes()

@@ -20,13 +20,12 @@ import torch
 
 from ga_models import load_state_dict_checked
 from ga_models.detectors import DetectorConfig, build_detector
+from stages.common.datasets import open_split
+from stages.common.detection import CachedProposals, detect
+from stages.common.inference import ProposalsConfig, shard_ranges, trained_weights
+from stages.common.io import atomic_write, write_json
+from stages.common.metrics import evaluate_detections
 from stages.contract import Executor, Input, Output, StageResult, only
-from stages.datasets import open_split
-from stages.detection import CachedProposals, detect
-from stages.io import atomic_write, write_json
-from stages.metrics import evaluate_detections
-from stages.proposals import ProposalsConfig, shard_ranges
-from stages.train_detector import load_weights
 
 DETECTIONS_FILE = "detections.parquet"
 
@@ -59,9 +58,7 @@ def run(cfg: EvalDetectorConfig, inputs: Mapping[str, Input], out: Output, execu
     label that is no category id (a dense classifier's unused slots: the background of a sigmoid
     RetinaNet, gaps in COCO's ids) are dropped: no ground truth can match them."""
     data = only(inputs, "data")
-    model = next((i for i in inputs.values() if i.stage in ("train_detector", "finetune")), None)
-    if model is None:
-        raise ValueError("eval_detector needs a train_detector or finetune input (the trained model)")
+    model = only(inputs, ("train_detector", "finetune"))  # the trained model
     proposals = only(inputs, "proposals") if cfg.detector.kind == "fast_rcnn" else None
     split = data.outputs["splits"]["val"]
     dataset = open_split(data.local_dir(), split)
@@ -85,7 +82,7 @@ def detect_shard(job: ShardJob, device: torch.device) -> tuple[list, list[float]
     data_dir = job.data.local_dir()
     dataset = open_split(data_dir, job.data.outputs["splits"]["val"])
     model = build_detector(job.detector, int(job.model.outputs["num_classes"]))
-    load_state_dict_checked(model, load_weights(job.model), job.model.node_id)
+    load_state_dict_checked(model, trained_weights(job.model), job.model.node_id)
     proposals = CachedProposals(job.proposals, "val") if job.proposals is not None else None
     return detect(model.to(device).eval(), dataset, job.indices, device, job.batch_size, proposals)
 

@@ -1,6 +1,6 @@
-"""Evaluate-proposals stage: COCO average recall of a proposal cache (paper Table 1) and the
-recall curves of the paper's Fig. 3, as JSON and two PNG plots (matplotlib's object-oriented
-API: no pyplot state, so it is safe in any thread)."""
+"""Evaluate-proposals stage: COCO average recall of a proposal cache (paper Table 1) and its
+recall curves (recall vs number of proposals, recall vs IoU threshold), as JSON and two PNG plots
+(``stages.common.plots``)."""
 
 from __future__ import annotations
 
@@ -11,17 +11,14 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from matplotlib.figure import Figure
-
+from stages.common.io import write_json
+from stages.common.metrics import anchors_per_image, proposal_report
+from stages.common.plots import recall_curves_figures, save_png
+from stages.common.proposal_cache import ProposalCache
 from stages.contract import Executor, Input, Output, StageResult, only
-from stages.io import write_json
-from stages.metrics import anchors_per_image, proposal_report
-from stages.plots import save_png
-from stages.proposal_cache import ProposalCache
 
 PLOTS = ("recall_vs_proposals.png", "recall_vs_iou.png")
-CURVES = "curves.json"  # stages.metrics.recall_curves
-VARIANT_LABELS = {"rpn": "RPN", "ga_rpn": "GA-RPN"}
+CURVES = "curves.json"  # stages.common.metrics.recall_curves
 
 
 @dataclass(frozen=True)
@@ -57,7 +54,7 @@ def evaluate(
     Returns AR_100, AR_300, AR_1000, AR_S, AR_M, AR_L (fractions), anchors_per_image (mean, and
     its median/min/max), seconds_per_image (mean), proposals_per_image (mean boxes the model
     output), recall_iou50 and recall_iou70 (recall at IoU 0.5 and 0.7 with 1000 proposals), and
-    AR_1000_tall/_square/_wide (one pass: ``stages.metrics.proposal_report``).
+    AR_1000_tall/_square/_wide (one pass: ``stages.common.metrics.proposal_report``).
     """
     out_dir = Path(out_dir)
     cache = ProposalCache(cache_root)
@@ -68,28 +65,6 @@ def evaluate(
     metrics["proposals_per_image"] = statistics.fmean(len(boxes) for boxes, _ in proposals.values()) if proposals else 0.0
     write_json(out_dir / "metrics.json", metrics)
     write_json(out_dir / CURVES, curves)
-    plot_curves(curves, out_dir, label)
+    for fig, name in zip(recall_curves_figures(curves, label), PLOTS):
+        save_png(fig, out_dir / name)
     return metrics
-
-
-def plot_curves(curves: Mapping, out_dir: str | os.PathLike, label: str) -> None:
-    """Write ``recall_vs_proposals.png`` and ``recall_vs_iou.png`` from ``recall_curves`` data."""
-    out_dir = Path(out_dir)
-    fig = Figure(figsize=(5, 4))
-    ax = fig.subplots()
-    for iou, values in curves["recall_vs_proposals"].items():
-        ax.plot(curves["num_proposals"], values, marker="o", label=f"IoU {iou}")
-    ax.set(xscale="log", xlabel="number of proposals", ylabel="recall", ylim=(0, 1), title=f"{label}: recall vs #proposals")
-    ax.grid(True, alpha=0.3)
-    ax.legend()
-    save_png(fig, out_dir / PLOTS[0])
-
-    fig = Figure(figsize=(5, 4))
-    ax = fig.subplots()
-    for n, values in curves["recall_vs_iou"].items():
-        ax.plot(curves["iou_thresholds"], values, marker="o", label=f"{n} proposals")
-    ax.set(xlabel="IoU threshold", ylabel="recall", ylim=(0, 1), title=f"{label}: recall vs IoU")
-    ax.grid(True, alpha=0.3)
-    ax.legend()
-    save_png(fig, out_dir / PLOTS[1])
-

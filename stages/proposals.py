@@ -1,6 +1,6 @@
 """Proposals stage: run a trained proposer over the val split (and, for the detectors trained on
 precomputed proposals, the train split) and write every image's proposals to a Parquet proposal
-cache per split (``stages.proposal_cache``), boxes in original image pixels.
+cache per split (``stages.common.proposal_cache``), boxes in original image pixels.
 
 The images of each split are cut into ``num_shards`` contiguous shards; the executor runs one
 ``propose_shard`` call per shard (a Ray task each in the pipeline), which writes its shard of
@@ -14,42 +14,23 @@ from __future__ import annotations
 
 import logging
 import statistics
-import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
-import numpy as np
 import torch
 from torch.utils.data import DataLoader, Subset
 
-from ga_models import ProposerConfig, build_proposer, load_state_dict_checked
+from ga_models import ProposerConfig
+from stages.common.datasets import CocoDetection, collate, open_split
+from stages.common.inference import ProposalsConfig, load_proposer, shard_ranges, timed_forward
+from stages.common.io import write_json
+from stages.common.proposal_cache import ProposalCache
 from stages.contract import Executor, Input, Output, StageResult, only
-from stages.datasets import CocoDetection, collate, open_split
-from stages.io import load_torch, write_json
-from stages.proposal_cache import ProposalCache
 
 logger = logging.getLogger(__name__)
 CACHE_DIR = "cache"  # the split's cache is CACHE_DIR/<split>
 STATS_FILE = "stats.json"
 SPLITS = ("val", "train")
-
-
-@dataclass(frozen=True)
-class ProposalsConfig:
-    """``num_shards`` shards of a split (one inference task each, here and in the detector
-    evaluations), ``batch_size`` images per forward, ``cpus_per_task`` CPUs each task reserves
-    (below 1 lets tasks share a core: tiny test runs)."""
-
-    num_shards: int = 2
-    batch_size: int = 4
-    cpus_per_task: float = field(default=1.0, metadata={"affects_result": False})
-
-    def __post_init__(self) -> None:
-        for name in ("num_shards", "batch_size"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"proposals.{name} must be >= 1, got {getattr(self, name)}")
-        if not self.cpus_per_task > 0:
-            raise ValueError(f"proposals.cpus_per_task must be > 0, got {self.cpus_per_task}")
 
 
 @dataclass(frozen=True)
@@ -116,25 +97,10 @@ def run(cfg: ProposalsStageConfig, inputs: Mapping[str, Input], out: Output, exe
 def propose_shard(job: ShardJob, device: torch.device) -> dict[str, list[float]]:
     """Load the trained model and the dataset on this machine, propose for the shard's images
     and write them as one cache shard; returns its per-image statistics."""
-    state_dict = load_torch(job.train.local_dir() / job.train.outputs["model"])
-    model = load_proposer(job.cfg.proposer, state_dict, device)
+    model = load_proposer(job.cfg.proposer, job.train, device)
     dataset = open_split(job.data.local_dir(), job.split)
     cache = ProposalCache(job.cache_uri, job.metadata)
     return write_shard(model, dataset, job.indices, cache, job.shard_id, device, job.cfg.proposals.batch_size)
-
-
-def shard_ranges(num_items: int, num_shards: int) -> list[range]:
-    """Split ``range(num_items)`` into at most ``num_shards`` contiguous non-empty ranges."""
-    num_shards = max(1, min(num_shards, num_items))
-    bounds = np.linspace(0, num_items, num_shards + 1).round().astype(int)
-    return [range(a, b) for a, b in zip(bounds[:-1], bounds[1:]) if b > a]
-
-
-def load_proposer(proposer_cfg: ProposerConfig, state_dict: dict, device: torch.device) -> torch.nn.Module:
-    """``build_proposer(proposer_cfg)`` with trained weights, in eval mode on ``device``."""
-    model = build_proposer(proposer_cfg)
-    load_state_dict_checked(model, state_dict, "trained proposer")
-    return model.to(device).eval()
 
 
 @torch.inference_mode()
@@ -156,12 +122,7 @@ def write_shard(
     loader = DataLoader(Subset(dataset, list(indices)), batch_size=batch_size, shuffle=False, collate_fn=collate)
     items, stats = [], {"image_ids": [], "num_anchors": [], "seconds": []}
     for images, targets in loader:
-        images = [im.to(device) for im in images]
-        sync_device(device)
-        started = time.perf_counter()
-        outputs = model(images)
-        sync_device(device)
-        per_image = (time.perf_counter() - started) / len(images)
+        outputs, per_image = timed_forward(model, [im.to(device) for im in images], device)
         for out, target in zip(outputs, targets):
             image_id = int(target["image_id"])
             boxes = out["boxes"].float().cpu().numpy()  # [K, 4] original pixels
@@ -172,8 +133,3 @@ def write_shard(
     cache.write_shard(shard_id, items)
     return stats
 
-
-def sync_device(device: torch.device) -> None:
-    """Wait for queued GPU work so that timings measure it."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)

@@ -1,4 +1,4 @@
-"""stages.coco: the one COCO reader (load_coco) and validator (validate_coco), and that the dataset
+"""stages.common.coco: the one COCO reader (load_coco) and validator (validate_coco), and that the dataset
 and the evaluation read a file the same way."""
 
 import json
@@ -9,9 +9,9 @@ import pytest
 from PIL import Image
 from pycocotools.coco import COCO
 
-from stages.coco import CocoFile, DatasetError, DatasetWarning, load_coco, validate_coco
-from stages.datasets import CocoDetection
-from stages.metrics import evaluate_proposals
+from stages.common.coco import CocoFile, DatasetError, DatasetWarning, load_coco, validate_coco
+from stages.common.datasets import CocoDetection
+from stages.common.metrics import evaluate_proposals
 
 # one 100 x 100 image; GT "small" 20 x 20 (area 400 < 32^2) and "large" 100 x 100 (area 10000 > 96^2)
 SMALL, LARGE = [10, 10, 20, 20], [0, 0, 100, 100]

@@ -9,8 +9,9 @@ import shutil
 import pytest
 from PIL import Image
 
-from stages import data, synthetic
-from stages.coco import DatasetError
+from stages import data
+from stages.common import synthetic
+from stages.common.coco import DatasetError
 from stages.contract import LocalExecutor, local_output
 from stages.data import DataConfig
 

@@ -1,4 +1,4 @@
-"""stages.datasets.CocoDetection on tiny handmade COCO files (every number checkable by hand)."""
+"""stages.common.datasets.CocoDetection on tiny handmade COCO files (every number checkable by hand)."""
 
 import json
 
@@ -8,8 +8,8 @@ import torch
 from PIL import Image
 from pycocotools.coco import COCO
 
-from stages.coco import DatasetError as CocoDatasetError
-from stages.datasets import CocoDetection, DatasetError, DatasetWarning, collate
+from stages.common.coco import DatasetError as CocoDatasetError
+from stages.common.datasets import CocoDetection, DatasetError, DatasetWarning, collate
 
 # image 1: 40 wide x 20 high, uniform grey 100 except one red pixel at (row 5, col 0)
 # image 2: 30 x 30, uniform grey 50, no annotations
@@ -170,7 +170,7 @@ def test_malformed_json(tmp_path):
 
 def test_dataset_error_is_value_error_defined_once():
     assert issubclass(DatasetError, ValueError)
-    assert DatasetError is CocoDatasetError  # stages.datasets re-exports stages.coco's classes
+    assert DatasetError is CocoDatasetError  # stages.common.datasets re-exports stages.common.coco's classes
 
 
 @pytest.mark.parametrize(

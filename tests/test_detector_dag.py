@@ -6,7 +6,7 @@ import pytest
 from pipeline.config import ConfigError, resolve
 from pipeline.dag import build_dag, cache_keys, config_slice, make_plan
 from pipeline.store import ArtifactStore
-from stages.detection import DETECTORS
+from stages.common.variants import DETECTORS
 
 DETECTOR_NODES = [f"train_detector/{v}" for v in DETECTORS] + ["finetune/rpn", "finetune/ga_rpn"] + [
     f"eval_detector/{v}" for v in (*DETECTORS, "finetune_rpn", "finetune_ga_rpn")]

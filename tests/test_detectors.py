@@ -12,10 +12,10 @@ import torch
 
 from ga_models import ProposerConfig, build_proposer
 from ga_models.detectors import DetectorConfig, RCNNSettings, backbone_parts, build_detector, load_backbone
+from stages.common.detection import CachedProposals
+from stages.common.metrics import evaluate_detections
+from stages.common.proposal_cache import ProposalCache
 from stages.contract import local_input
-from stages.detection import CachedProposals
-from stages.metrics import evaluate_detections
-from stages.proposal_cache import ProposalCache
 
 PROPOSER = dict(min_size=96, max_size=128, fpn_channels=16, octave_base_scale=4.0)
 RCNN = {False: RCNNSettings(200, 100, 0.5, 64), True: RCNNSettings(50, 50, 0.6, 32)}

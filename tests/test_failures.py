@@ -19,7 +19,7 @@ from pipeline.failures import error_line, is_system_failure
 from pipeline.runner import Outcome, best_effort, summary_json, summary_table
 from pipeline.stage_table import Resources
 from pipeline.store import ArtifactStore
-from stages.io import save_torch
+from stages.common.io import save_torch
 
 ANSI_MESSAGE = "\x1b[31mOSError: image file is truncated (3 bytes not processed): /data/img_7.png\x1b[0m\nmore"
 
@@ -259,7 +259,7 @@ def test_runs_left_running_are_ended(tmp_path):
 def test_a_damaged_checkpoint_is_named_not_blamed_on_weights_only(tmp_path):
     import torch
 
-    from stages.io import ArtifactError, load_torch
+    from stages.common.io import ArtifactError, load_torch
 
     path = tmp_path / "model.pt"
     save_torch({"w": torch.ones(3)}, path)

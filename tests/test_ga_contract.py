@@ -8,6 +8,7 @@ import torch
 from torchvision.models.detection.image_list import ImageList
 
 from ga_models import HeadOutputs, ProposalNetworkBase, ProposerConfig, build_proposal_network, build_proposer, validation
+from ga_models.fields import is_inference_only
 
 BOXES = torch.tensor([[10.0, 20.0, 30.0, 100.0], [50.0, 40.0, 120.0, 56.0]])
 
@@ -59,5 +60,5 @@ def test_a_network_without_predict_says_what_to_implement():
 
 
 def test_exactly_the_five_inference_fields_carry_the_flag():
-    flagged = {f.name for f in fields(ProposerConfig) if f.metadata.get("inference_only")}
+    flagged = {f.name for f in fields(ProposerConfig) if is_inference_only(f)}
     assert flagged == {"loc_threshold", "pre_nms_top_n", "post_nms_per_level", "post_nms_top_n", "nms_thresh"}

@@ -14,7 +14,7 @@ from torchvision.ops.feature_pyramid_network import LastLevelP6P7
 from ga_models import GARetinaNet, GARetinaNetHead
 from ga_models.backbones import build_backbone, tiny_body
 from ga_models.retinanet import RETINA_GUIDANCE, SMOOTH_L1_BETA
-from stages.metrics import evaluate_detections
+from stages.common.metrics import evaluate_detections
 
 NUM_CLASSES = 3  # background + 2 classes
 LOSS_KEYS = {"classification", "bbox_regression", "loss_anchor_loc", "loss_anchor_shape"}
@@ -129,7 +129,7 @@ def test_strides_4_to_64_on_the_p2_p6_backbone():
 
 
 def test_overfits_its_training_image(trained, tmp_path):
-    """COCO AP50 on the training image, with pycocotools through stages.metrics."""
+    """COCO AP50 on the training image, with pycocotools through stages.common.metrics."""
     model, images, targets = trained
     images, targets = images[:1], targets[:1]
     with torch.no_grad():

@@ -1,4 +1,4 @@
-"""stages.io: atomic writes on every kind of filesystem, the one JSON rule, torch checkpoints."""
+"""stages.common.io: atomic writes on every kind of filesystem, the one JSON rule, torch checkpoints."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import pyarrow.fs as pafs
 import pytest
 import torch
 
-from stages import io as sio
+from stages.common import io as sio
 
 
 class Boom(RuntimeError):

@@ -1,4 +1,4 @@
-"""Hand-checkable cases for stages.metrics (COCOeval underneath; both backends agree)."""
+"""Hand-checkable cases for stages.common.metrics (COCOeval underneath; both backends agree)."""
 
 from __future__ import annotations
 
@@ -8,9 +8,9 @@ import math
 import numpy as np
 import pytest
 
-from stages import metrics
-from stages.coco import DatasetError
-from stages.metrics import (
+from stages.common import metrics
+from stages.common.coco import DatasetError
+from stages.common.metrics import (
     anchors_per_image,
     evaluate_detections,
     evaluate_proposals,

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from stages.detection import DETECTORS
+from stages.common.variants import DETECTORS
 
 ROOT = Path(__file__).resolve().parents[1]
 

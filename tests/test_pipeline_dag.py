@@ -96,17 +96,20 @@ EVALS = {"eval_proposals/rpn", "eval_proposals/ga_rpn"}
 
 
 @pytest.mark.parametrize("module, expected", [
-    ("stages/synthetic.py", set(ALL)),  # the data stage generates with it: everything downstream
-    ("stages/coco.py", set(ALL)),  # the one COCO reader: data validates, evaluation reads
-    ("stages/datasets.py", BRANCHES),  # training flip / image reading: not the data node
+    ("stages/common/synthetic.py", set(ALL)),  # the data stage generates with it: everything downstream
+    ("stages/common/coco.py", set(ALL)),  # the one COCO reader: data validates, evaluation reads
+    ("stages/common/datasets.py", BRANCHES),  # training flip / image reading: not the data node
     ("ga_models/layers.py", BRANCHES),
     ("ga_models/targets.py", BRANCHES),
-    ("stages/proposal_cache.py", BRANCHES - {"train/rpn", "train/ga_rpn"}),
-    ("stages/metrics.py", EVALS | {"visualize"}),  # visualize bins its anchor fit by the evaluation's aspect ranges
+    ("stages/common/proposal_cache.py", BRANCHES - {"train/rpn", "train/ga_rpn"}),
+    ("stages/common/metrics.py", EVALS | {"visualize"}),  # visualize bins its anchor fit by the evaluation's aspect ranges
     ("stages/eval_proposals.py", EVALS),
     ("stages/visualize.py", {"visualize"}),
-    ("stages/plots.py", {"eval_proposals/rpn", "eval_proposals/ga_rpn", "visualize"}),
-    ("pipeline/report.py", set()),  # the report is drawn from the nodes, it is not one
+    ("stages/proposals.py", {"proposals/rpn", "proposals/ga_rpn"} | EVALS | {"visualize"}),  # a stage: its nodes and downstream
+    ("stages/common/figures.py", {"visualize"}),
+    ("ga_models/introspect.py", {"visualize"}),
+    ("stages/common/plots.py", {"eval_proposals/rpn", "eval_proposals/ga_rpn", "visualize"}),
+    ("pipeline/report/build.py", set()),  # the report is drawn from the nodes, it is not one
     ("pipeline/runner.py", set()),  # orchestration does not change any output
     ("pipeline/tracking.py", set()),
 ])
@@ -261,7 +264,7 @@ def test_coco_keys_follow_content_and_training_follows_the_train_split_only(tmp_
     val set re-keys the data node and the evaluations but retrains nothing."""
     import os
 
-    from stages import synthetic
+    from stages.common import synthetic
 
     overrides = ["data.synthetic=null"]
     for i, split in enumerate(("train", "val")):
@@ -293,3 +296,16 @@ def test_coco_keys_follow_content_and_training_follows_the_train_split_only(tmp_
     image = next((tmp_path / "train" / "images").iterdir())
     image.write_bytes(image.read_bytes())
     assert all(keys()[n] != before[n] for n in trains)
+
+
+def test_stage_modules_are_named_as_their_stages_and_import_no_other_stage():
+    """``stages/<name>.py`` is stage ``<name>`` and its helpers live in ``stages/common``: a stage's
+    import closure holds no other stage module, so an edit to one stage re-keys only its own nodes
+    and their descendants (``stages.contract`` is the seam every stage shares, not a stage)."""
+    stage_modules = {stage.module.__name__ for stage in STAGES}
+    assert stage_modules == {f"stages.{stage.name}" for stage in STAGES}
+    on_disk = {f"stages.{p.stem}" for p in (ROOT / "stages").glob("*.py") if p.stem not in ("__init__", "contract")}
+    assert on_disk == stage_modules, f"modules in stages/ that are no stage: {sorted(on_disk - stage_modules)}"
+    for name in stage_modules:
+        static, _ = import_closure(name)
+        assert not (set(static) & stage_modules) - {name}, f"{name} imports the stage(s) {sorted((set(static) & stage_modules) - {name})}"

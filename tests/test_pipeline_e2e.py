@@ -7,7 +7,7 @@ import json
 import pytest
 
 from pipeline.__main__ import main
-from stages.detection import LABELS
+from stages.common.variants import DETECTOR_LABELS, PROPOSER_LABELS
 
 DETECTORS = ("fast_rcnn_rpn", "fast_rcnn_ga_rpn", "faster_rcnn", "ga_faster_rcnn", "retinanet", "ga_retinanet")
 NODES = {"data", "train/rpn", "proposals/rpn", "eval_proposals/rpn",
@@ -57,9 +57,9 @@ def test_full_smoke_run(smoke_run):
     # the report: Tables 1-3 measured (a row per model, each linked to its run), the sweeps' pending
     report = (workdir / "report.md").read_text()
     table1, table2, table3 = (report.split(f"## Table {n}:")[1].split("\n## ")[0] for n in (1, 2, 3))
-    for table, rows in ((table1, ("RPN", "GA-RPN")), (table2, DETECTORS), (table3, ("faster_rcnn", "finetune_rpn"))):
+    for table, rows in ((table1, ("rpn", "ga_rpn")), (table2, DETECTORS), (table3, ("faster_rcnn", "finetune_rpn"))):
         for row in rows:
-            label = {"RPN": "RPN", "GA-RPN": "GA-RPN"}.get(row) or LABELS[row]
+            label = {**PROPOSER_LABELS, **DETECTOR_LABELS}[row]
             line = next(line for line in table.splitlines() if line.startswith(f"| {label} |"))
             assert "pending" not in line and "/#/experiments/" in line, line
     assert "| RPN + 9 anchors | pending / 46.8 |" in table1  # measured by `sweep table1` only
@@ -85,7 +85,7 @@ def test_finetune_reads_the_ga_rpn_cache_by_key(smoke_run):
     assert finetune["inputs"]["proposals/ga_rpn"] == proposals["key"]
     assert finetune["inputs"]["train_detector/faster_rcnn"] == manifest(workdir, "train_detector/faster_rcnn")["key"]
     # and that cache was made by the trained GA-RPN: its shards carry the model's key
-    from stages.proposal_cache import ProposalCache
+    from stages.common.proposal_cache import ProposalCache
 
     cache = ProposalCache(workdir / "proposals" / proposals["key"] / proposals["outputs"]["caches"]["train"])
     assert cache.metadata["model_key"] == manifest(workdir, "train/ga_rpn")["key"]

@@ -25,7 +25,7 @@ def restore_logging():
 def test_quiet_worker_keeps_project_progress_and_drops_other_info(restore_logging, capsys):
     logging.getLogger().setLevel(logging.INFO)
     logs.configure(verbose=False, quiet_root=True)
-    logging.getLogger("stages.training").info("[train/rpn] epoch 1/2 step 2/4")
+    logging.getLogger("stages.common.training").info("[train/rpn] epoch 1/2 step 2/4")
     # Ray Train names the logger of its per-epoch "Reporting training result" line by its file path
     assert not logging.getLogger("/site-packages/ray/train/v2/_internal/execution/context.py").isEnabledFor(logging.INFO)
     assert logging.getLogger().level == logging.WARNING

@@ -14,9 +14,9 @@ from ga_models import ProposerConfig
 from pipeline.executor import RayExecutor
 from pipeline.stage_table import Resources
 from pipeline.store import ArtifactStore
-from stages import synthetic
-from stages.train_proposer import train_proposer
-from stages.training import TrainConfig
+from stages.common import synthetic
+from stages.common.training import TrainConfig
+from stages.train import train_proposer
 
 cloudpickle.register_pickle_by_value(sys.modules[__name__])  # Ray workers cannot import tests/
 
@@ -88,7 +88,7 @@ def test_two_workers_disjoint_halves_and_resume(ray_session, tmp_path):
 
 def test_resume_takes_the_newest_checkpoint_that_loads(tmp_path, caplog):
     """A crash can leave a newer checkpoint than Ray's run snapshot knows, or a truncated one."""
-    from stages.io import save_torch
+    from stages.common.io import save_torch
 
     store = ArtifactStore(tmp_path)
     executor = RayExecutor("train/x", "key", Resources("driver"), store)

@@ -17,7 +17,7 @@ from ga_models.anchors import MAX_LOG_RATIO, assign_levels, boxes_from_centers, 
 from ga_models.ga_rpn import PROPOSAL_DELTA_STDS
 from ga_models.targets import approx_anchors, location_targets, shape_targets
 from pipeline.config import ConfigError, build_config, flatten, resolve, to_dict
-from stages.proposal_cache import ProposalCache
+from stages.common.proposal_cache import ProposalCache
 
 SETTINGS = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 STRIDES = [4, 8, 16, 32, 64]

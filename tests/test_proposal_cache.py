@@ -1,4 +1,4 @@
-"""stages.proposal_cache: round trips, concurrent writers, random access, the checks a reader makes."""
+"""stages.common.proposal_cache: round trips, concurrent writers, random access, the checks a reader makes."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from stages.proposal_cache import METADATA_KEY, ProposalCache, ProposalCacheError
+from stages.common.proposal_cache import METADATA_KEY, ProposalCache, ProposalCacheError
 
 META = {"model_key": "ga_rpn-3f2a", "image_size": "original_pixels", "config_hash": "abc123"}
 

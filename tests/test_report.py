@@ -10,18 +10,17 @@ from html.parser import HTMLParser
 
 import pytest
 
-from pipeline import claims
 from pipeline.__main__ import main
 from pipeline.config import resolve
-from pipeline.report import FullRun, build_tables, read_sweeps, write_report
-from pipeline.report_figures import FIGSIZE, recall_comparison
-from pipeline.report_render import markdown
-from pipeline.report_tables import SWEEP_TABLES, Result, Row, Stat, SweepRecord, Table, result_of
-from pipeline.sweep_table import DONE, FAILED
-from pipeline.sweeps import SWEEPS, expand
+from pipeline.report import claims, paper
+from pipeline.report.build import FullRun, build_tables, read_sweeps, write_report
+from pipeline.report.figures import FIGSIZE, recall_comparison
+from pipeline.report.render import markdown
+from pipeline.report.tables import SWEEP_TABLES, Result, Row, Stat, SweepRecord, Table, result_of
+from pipeline.sweeps.grids import SWEEPS, expand
+from pipeline.sweeps.table import DONE, FAILED
 from pipeline.tracking import Tracker
-from stages import paper
-from stages.detection import LABELS
+from stages.common.variants import DETECTOR_LABELS as LABELS
 
 CFG = resolve("smoke")
 PAPER_ROWS = {"table-1": 3, "table-2": 6, "table-3": 3, "table-4": 5, "table-5": 5, "table-6": 5, "table-7": 8,
@@ -94,7 +93,7 @@ def test_every_paper_row_is_shown_pending_until_measured():
 
 
 def markdown_of(tables, judged=()):
-    from pipeline.report_render import Page
+    from pipeline.report.render import Page
 
     return markdown(Page("t", (), list(judged), tables, ()), lambda run: f"http://ui/#/runs/{run}")
 
@@ -271,7 +270,7 @@ CURVES = {"num_proposals": [10, 100, 1000], "recall_vs_proposals": {"0.50:0.95":
 
 
 def test_recall_figure_is_a_png_of_the_expected_size(tmp_path):
-    recall_comparison({"RPN": CURVES, "GA-RPN": CURVES}, tmp_path / "recall.png")
+    recall_comparison({"rpn": CURVES, "ga_rpn": CURVES}, tmp_path / "recall.png")
     assert png_size((tmp_path / "recall.png").read_bytes()) == (int(FIGSIZE[0] * 100), int(FIGSIZE[1] * 100))
 
 
@@ -305,7 +304,7 @@ def test_every_image_and_link_of_the_page_resolves(tmp_path):
     dirs["visualize"].mkdir()
     plots = ["examples.png", "anchor_shapes.png", "iou_distribution.png"]
     for name in plots:
-        recall_comparison({"RPN": CURVES}, dirs["visualize"] / name)
+        recall_comparison({"rpn": CURVES}, dirs["visualize"] / name)
     full = FullRun(full.results, dirs, {"visualize": {"plots": plots}})
     trial_runs = [tracker.start_node(f"trial {i}", "key", {}) for i in range(5)]
     eps_l = sweep_record("eps_l", run_id=lambda trial: trial_runs[trial.index])
@@ -420,13 +419,13 @@ def test_the_page_in_a_real_browser(tmp_path):
 
 
 def test_a_report_that_cannot_be_written_fails_the_run_with_one_line(tmp_path, monkeypatch, capsys):
-    import pipeline.report
+    import pipeline.report.build
 
     def broken(*args, **kwargs):
         raise OSError("No space left on device")
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    monkeypatch.setattr(pipeline.report, "write_report", broken)
+    monkeypatch.setattr(pipeline.report.build, "write_report", broken)
     assert main(["report", "--preset", "smoke", "--workdir", str(tmp_path)]) == 1
     errors = [line for line in capsys.readouterr().err.splitlines() if "mlflow.store.db" not in line]
     assert errors == ["pipeline: error: the report could not be written: OSError: No space left on device"]

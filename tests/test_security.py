@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from stages.io import ArtifactError, load_torch
+from stages.common.io import ArtifactError, load_torch
 
 ROOT = Path(__file__).resolve().parents[1]
 PROJECT = [p for package in ("pipeline", "stages", "ga_models", "benchmarks") for p in (ROOT / package).rglob("*.py")]

@@ -11,17 +11,19 @@ import pyarrow.parquet as pq
 import pytest
 
 from ga_models import ProposerConfig
-from stages import data, eval_detector, eval_proposals, finetune, proposals, train_detector, train_proposer
-from stages.contract import LocalExecutor, StageResult, local_input, local_output
+from stages import data, eval_detector, eval_proposals, finetune, proposals, train_detector
+from stages import train as train_stage
+from stages.common.detection import DetectorsConfig
+from stages.common.inference import ProposalsConfig
+from stages.common.proposal_cache import ProposalCache
+from stages.common.training import TrainConfig
+from stages.contract import LocalExecutor, StageResult, local_input, local_output, only
 from stages.data import DataConfig
-from stages.detection import DetectorsConfig
-from stages.proposal_cache import ProposalCache
-from stages.training import TrainConfig
 
 PROPOSER = ProposerConfig(kind="ga_rpn", min_size=128, max_size=128, fpn_channels=16)
 TRAIN = TrainConfig(epochs=1, batch_size=4, lr=0.01, warmup_iters=1, lr_steps=())
 DETECTORS = DetectorsConfig(representation_size=32, retina_octave_base_scale=2.0, train=TRAIN, finetune_epochs=2)
-SHARDS = proposals.ProposalsConfig(2, 2)
+SHARDS = ProposalsConfig(2, 2)
 
 
 def as_input(node_id, out, result: StageResult):
@@ -42,7 +44,7 @@ def chain(tmp_path_factory):
         return out, result
 
     step("data", data, DataConfig(synthetic="smoke"), [])
-    step("train/ga_rpn", train_proposer, train_proposer.TrainProposerConfig(PROPOSER, TRAIN), ["data"])
+    step("train/ga_rpn", train_stage, train_stage.TrainProposerConfig(PROPOSER, TRAIN), ["data"])
     step("proposals/ga_rpn", proposals, proposals.ProposalsStageConfig(PROPOSER, SHARDS, ("val", "train")),
          ["train/ga_rpn", "data"])
     step("eval_proposals/ga_rpn", eval_proposals, eval_proposals.EvalProposalsConfig("GA-RPN"),
@@ -133,3 +135,16 @@ def test_detector_stages(chain):
 def test_only_names_the_missing_stage():
     with pytest.raises(ValueError, match="stage 'data'"):
         proposals.run(None, {}, None, LocalExecutor())
+
+
+def test_only_picks_one_input_by_stage_and_variant():
+    inputs = {n: local_input(n, "/nowhere") for n in ("data", "train/rpn", "train/ga_rpn", "finetune/rpn")}
+    assert only(inputs, "train", "ga_rpn").node_id == "train/ga_rpn"
+    assert only(inputs, ("train_detector", "finetune")).node_id == "finetune/rpn"
+    assert only(inputs, "proposals", required=False) is None
+    with pytest.raises(ValueError, match=r"stage 'train', got \['train/rpn', 'train/ga_rpn'\]"):
+        only(inputs, "train")
+    with pytest.raises(ValueError, match=r"stage 'proposals' \(variant 'rpn'\), got \[\]"):
+        only(inputs, "proposals", "rpn")
+    with pytest.raises(ValueError, match="got"):  # several are an error even when the input is optional
+        only(inputs, "train", required=False)

@@ -17,7 +17,7 @@ import json
 import pytest
 
 from pipeline.__main__ import main
-from stages import synthetic
+from stages.common import synthetic
 
 NO_DETECTORS = ["--set", "detector.variants=[]", "--set", "detector.finetune=[]"]
 

@@ -6,9 +6,9 @@ import pytest
 from pipeline.__main__ import main
 from pipeline.config import ConfigError, resolve
 from pipeline.dag import build_dag, cache_keys
-from pipeline.sweep_runner import plan_trials
-from pipeline.sweep_table import DONE, FAILED, PlannedTrial, aggregate, render, table_rows
-from pipeline.sweeps import SWEEPS, adhoc_sweep, describe, expand, parse_grid, with_axes
+from pipeline.sweeps.grids import SWEEPS, adhoc_sweep, describe, expand, parse_grid, with_axes
+from pipeline.sweeps.table import DONE, FAILED, PlannedTrial, aggregate, render, table_rows
+from pipeline.sweeps.tune import plan_trials
 
 
 def params(name, *keys):

@@ -1,4 +1,4 @@
-"""stages.synthetic.generate: a real, deterministic COCO dataset with GA-relevant statistics."""
+"""stages.common.synthetic.generate: a real, deterministic COCO dataset with GA-relevant statistics."""
 
 import itertools
 import json
@@ -8,8 +8,8 @@ import pytest
 from PIL import Image
 from pycocotools.coco import COCO
 
-from stages.datasets import CocoDetection
-from stages.synthetic import CATEGORIES, SIZES, generate
+from stages.common.datasets import CocoDetection
+from stages.common.synthetic import CATEGORIES, SIZES, generate
 
 
 def _files(out_dir):

@@ -11,12 +11,13 @@ import pytest
 import torch
 from matplotlib.image import imread
 
-from ga_models import build_proposer
+from ga_models import build_proposer, introspect
 from pipeline.config import resolve
 from stages import data, proposals, visualize
+from stages.common import anchor_stats, figures
+from stages.common.datasets import open_split
+from stages.common.io import save_torch
 from stages.contract import LocalExecutor, local_input, local_output
-from stages.datasets import open_split
-from stages.io import save_torch
 
 SMOKE = resolve("smoke")
 RPN, GA_RPN = SMOKE.proposer_for("rpn"), SMOKE.proposer_for("ga_rpn")
@@ -83,7 +84,7 @@ def test_writes_pngs_of_the_expected_size_and_not_blank(visualized):
                                      "iou_distribution.json"}
     # figsize x 100: (5 x 3, 2 x 3), (10, 4), (5, 4)
     expected = {"examples.png": (1500, 600), "anchor_shapes.png": (1000, 400), "iou_distribution.png": (500, 400)}
-    assert visualize.examples_figsize(2) == (15.0, 6.0)
+    assert figures.examples_figsize(2) == (15.0, 6.0)
     for name, size in expected.items():
         assert png_size(out.dir / name) == size
         pixels = imread(out.dir / name)
@@ -129,11 +130,11 @@ def test_best_anchor_iou_per_box_and_aspect_bin_by_hand():
     < 1/2 wide); an image without anchors gives its boxes 0, an empty bin NaN."""
     gt = [torch.tensor([[0.0, 0.0, 10.0, 40.0], [0.0, 0.0, 10.0, 10.0]]), torch.tensor([[0.0, 0.0, 40.0, 10.0]])]
     anchors = [torch.tensor([[0.0, 0.0, 10.0, 20.0], [0.0, 0.0, 10.0, 10.0]]), torch.zeros(0, 4)]
-    ious = visualize.best_anchor_ious(gt, anchors)
+    ious = anchor_stats.best_anchor_ious(gt, anchors)
     torch.testing.assert_close(ious, torch.tensor([0.5, 1.0, 0.0]))  # tall: 200 / 400; square: exact; no anchors
-    means = visualize.mean_by_aspect(torch.cat(gt), ious)
+    means = anchor_stats.mean_by_aspect(torch.cat(gt), ious)
     assert means == {"tall": 0.5, "square": 1.0, "wide": 0.0}
-    assert np.isnan(visualize.mean_by_aspect(gt[0][1:], ious[1:2])["tall"])
+    assert np.isnan(anchor_stats.mean_by_aspect(gt[0][1:], ious[1:2])["tall"])
 
 
 def test_without_location_branch_everything_is_kept(nodes, tmp_path):
@@ -174,17 +175,17 @@ def test_max_over_levels_of_two_hand_built_levels():
     # a 4 x 4 image seen at its own size; level 0: stride 2, a 2 x 2 grid; level 1: stride 4, 1 x 1
     p0, v0 = torch.tensor([[0.1, 0.9], [0.3, 0.2]]), torch.tensor([[1.0, 2.0], [3.0, 4.0]])
     p1, v1 = torch.tensor([[0.5]]), torch.tensor([[-1.0]])
-    up = [visualize.level_to_pixels(m, s, 0.5, (4, 4), (4, 4)) for m, s in ((p0, 2), (v0, 2), (p1, 4), (v1, 4))]
+    up = [introspect.level_to_pixels(m, s, 0.5, (4, 4), (4, 4)) for m, s in ((p0, 2), (v0, 2), (p1, 4), (v1, 4))]
     # level 0: pixel rows/cols 0-1 -> cell 0, 2-3 -> cell 1 (floor((y + 0.5) / 2)): 2 x 2 blocks
     assert torch.equal(up[0], p0.repeat_interleave(2, 0).repeat_interleave(2, 1))
-    prob, value = visualize.max_over_levels(torch.stack([up[0], up[2]]), torch.stack([up[1], up[3]]))
+    prob, value = introspect.max_over_levels(torch.stack([up[0], up[2]]), torch.stack([up[1], up[3]]))
     # only the top-right block (0.9) beats level 1's 0.5; there the value is level 0's 2, elsewhere level 1's -1
     assert torch.equal(prob, torch.tensor([[0.5, 0.5, 0.9, 0.9]] * 2 + [[0.5] * 4] * 2))
     assert torch.equal(value, torch.tensor([[-1.0, -1.0, 2.0, 2.0]] * 2 + [[-1.0] * 4] * 2))
     # an 8 x 8 original resized to the 4 x 4 input: each level-0 cell covers 4 x 4 original pixels
-    assert torch.equal(visualize.level_to_pixels(p0, 2, 0.5, (4, 4), (8, 8)), p0.repeat_interleave(4, 0).repeat_interleave(4, 1))
+    assert torch.equal(introspect.level_to_pixels(p0, 2, 0.5, (4, 4), (8, 8)), p0.repeat_interleave(4, 0).repeat_interleave(4, 1))
     # anchor centres at j s (offset 0): pixel centres 0.5, 1.5, 2.5, 3.5 are nearest to cells 0, 1, 1, 2 -> clamped to 1
-    assert visualize.level_to_pixels(p0, 2, 0.0, (4, 4), (4, 4))[:, 0].tolist() == pytest.approx([0.1, 0.3, 0.3, 0.3])
+    assert introspect.level_to_pixels(p0, 2, 0.0, (4, 4), (4, 4))[:, 0].tolist() == pytest.approx([0.1, 0.3, 0.3, 0.3])
 
 
 def test_dropped_centers_by_hand():
@@ -194,13 +195,13 @@ def test_dropped_centers_by_hand():
         [2.0, 0.0, 4.0, 2.0],  # centre (3, 1): p 0.9, kept
         [3.0, 3.0, 5.0, 5.0],  # centre (4, 4) clamped to (3, 3): p 0.5, dropped
     ])
-    assert visualize.dropped_centers(prob, boxes, 0.6).tolist() == [True, False, True]
-    assert not visualize.dropped_centers(prob, boxes, 0.0).any()
+    assert introspect.dropped_centers(prob, boxes, 0.6).tolist() == [True, False, True]
+    assert not introspect.dropped_centers(prob, boxes, 0.0).any()
 
 
 def test_shape_summary_by_hand():
     gt = np.array([[0, 0, 2, 8], [0, 0, 8, 2]], dtype=np.float32)  # scales 4, 4; aspect ratios 4, 1/4
-    summary = visualize.shape_summary({"ground_truth": gt, "empty": np.zeros((0, 4), np.float32)})
+    summary = anchor_stats.shape_summary({"ground_truth": gt, "empty": np.zeros((0, 4), np.float32)})
     assert summary["ground_truth"]["count"] == 2 and summary["empty"]["count"] == 0
     assert summary["ground_truth"]["scale"]["median"] == pytest.approx(4.0)
     ratio = summary["ground_truth"]["aspect_ratio"]  # linear interpolation between 1/4 and 4
@@ -213,7 +214,7 @@ def test_shape_summary_by_hand():
 def test_iou_distribution_accumulates_with_decreasing_iou(visualized, nodes):
     out, result = visualized
     found = json.loads((out.dir / "iou_distribution.json").read_text())
-    assert found["images"] == 3 and found["iou_thresholds"] == list(visualize.IOU_THRESHOLDS)
+    assert found["images"] == 3 and found["iou_thresholds"] == list(anchor_stats.IOU_THRESHOLDS)
     for kind in ("rpn", "ga_rpn"):
         counts = found["proposals_per_image"][kind]
         assert all(a >= b for a, b in zip(counts, counts[1:]))  # IoU >= 0.5 includes IoU >= 0.55 ...
@@ -235,7 +236,7 @@ def test_proposal_ious_by_hand():
         def get(self, image_id):
             return self.boxes[image_id], None, None
 
-    ious = visualize.proposal_ious(Cache(), [1, 2], [torch.tensor([[0.0, 0, 10, 10]]), torch.zeros(0, 4)])
+    ious = anchor_stats.proposal_ious(Cache(), [1, 2], [torch.tensor([[0.0, 0, 10, 10]]), torch.zeros(0, 4)])
     np.testing.assert_allclose(ious, [1.0, 0.5, 0.0, 0.0])
-    counts = visualize.accumulated_counts(ious, num_images=2)
+    counts = anchor_stats.accumulated_counts(ious, num_images=2)
     assert counts[0] == 1.0 and counts[1:] == [0.5] * 9  # IoU >= 0.5: two of four proposals, per image

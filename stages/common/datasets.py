@@ -8,8 +8,8 @@ with ``target`` = ``boxes float32[K, 4]`` (xyxy, original pixels), ``labels int6
 that per-image data kept elsewhere, such as cached proposals, can be flipped alike). The dataset does not resize: the model's transform
 (torchvision's ``GeneralizedRCNNTransform``) does, and maps its outputs back to these pixels.
 
-The annotation file is read by ``stages.coco.load_coco`` (the reader the evaluation uses too) and
-validated once, at construction, by ``stages.coco.validate_coco``: every error is a ``DatasetError``
+The annotation file is read by ``stages.common.coco.load_coco`` (the reader the evaluation uses too) and
+validated once, at construction, by ``stages.common.coco.validate_coco``: every error is a ``DatasetError``
 (a ``ValueError``) naming the annotation file and the offending image/annotation id; boxes are
 clipped to the image (``num_clipped``); boxes with non-positive width or height are skipped with
 one ``DatasetWarning`` (``num_skipped``), or raise in ``strict`` mode. Crowd annotations
@@ -28,7 +28,7 @@ from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset
 from torchvision.transforms.functional import pil_to_tensor
 
-from stages.coco import DatasetError, DatasetWarning, ImageRecord, load_coco, validate_coco
+from stages.common.coco import DatasetError, DatasetWarning, ImageRecord, load_coco, validate_coco
 
 __all__ = ["CocoDetection", "DatasetError", "DatasetWarning", "collate", "open_split"]
 

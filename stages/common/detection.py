@@ -1,14 +1,7 @@
 """What the detector stages (``train_detector``, ``finetune``, ``eval_detector``) share: the
-pipeline's detector variants and their settings, a detector for a dataset, the cached proposals a
-Fast R-CNN reads, and running a detector over images.
-
-Variants (paper Table 2 and 3):
-
-    fast_rcnn_rpn, fast_rcnn_ga_rpn   Fast R-CNN on the cached proposals of RPN / GA-RPN
-    faster_rcnn, ga_faster_rcnn       Faster R-CNN with the RPN baseline / GA-RPN, end to end
-    retinanet, ga_retinanet           RetinaNet with dense anchors / guided anchors
-    finetune_rpn, finetune_ga_rpn     the trained Faster R-CNN fine-tuned on cached RPN / GA-RPN
-                                      proposals (its RPN replaced by them; Table 3)
+``detector`` config section (the variants of ``stages.common.variants`` and their settings), a
+detector for a dataset, the cached proposals a Fast R-CNN reads, and running a detector over
+images.
 
 Shape shorthand: K detections or proposals of one image.
 """
@@ -17,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -29,34 +21,13 @@ from torch.utils.data import DataLoader, Subset
 
 from ga_models import ProposerConfig
 from ga_models.detectors import DetectorConfig, RCNNSettings
-from ga_models.proposer import INFERENCE_ONLY
+from ga_models.fields import INFERENCE_ONLY
+from stages.common.datasets import CocoDetection, collate
+from stages.common.inference import timed_forward
+from stages.common.proposal_cache import ProposalCache, ProposalCacheError
+from stages.common.training import StepFn, TrainConfig, default_step
+from stages.common.variants import DETECTORS, FINETUNE_BASE, PROPOSERS
 from stages.contract import Input
-from stages.datasets import CocoDetection, collate
-from stages.proposal_cache import ProposalCache, ProposalCacheError
-from stages.proposals import sync_device
-from stages.training import StepFn, TrainConfig, default_step
-
-# variant -> (model kind, guided)
-DETECTORS: dict[str, tuple[str, bool]] = {
-    "fast_rcnn_rpn": ("fast_rcnn", False),
-    "fast_rcnn_ga_rpn": ("fast_rcnn", True),
-    "faster_rcnn": ("faster_rcnn", False),
-    "ga_faster_rcnn": ("faster_rcnn", True),
-    "retinanet": ("retinanet", False),
-    "ga_retinanet": ("retinanet", True),
-}
-FINETUNE_BASE = "faster_rcnn"  # the detector the fine-tuning variants start from
-PROPOSAL_SOURCES = ("rpn", "ga_rpn")  # proposer variants whose cached proposals a detector can read
-LABELS = {
-    "fast_rcnn_rpn": "Fast R-CNN (RPN proposals)",
-    "fast_rcnn_ga_rpn": "GA-Fast R-CNN (GA-RPN proposals)",
-    "faster_rcnn": "Faster R-CNN",
-    "ga_faster_rcnn": "GA-Faster R-CNN",
-    "retinanet": "RetinaNet",
-    "ga_retinanet": "GA-RetinaNet",
-    "finetune_rpn": "Faster R-CNN + fine-tune on RPN proposals",
-    "finetune_ga_rpn": "Faster R-CNN + fine-tune on GA-RPN proposals",
-}
 
 
 @dataclass(frozen=True)
@@ -76,7 +47,7 @@ class DetectorsConfig:
     """
 
     variants: tuple[str, ...] = tuple(DETECTORS)
-    finetune: tuple[str, ...] = PROPOSAL_SOURCES
+    finetune: tuple[str, ...] = PROPOSERS
     backbone_init: str = "rpn"
     representation_size: int = 1024
     retina_octave_base_scale: float = 4.0
@@ -93,8 +64,8 @@ class DetectorsConfig:
         unknown = [v for v in self.variants if v not in DETECTORS]
         if unknown or len(set(self.variants)) != len(self.variants):
             raise ValueError(f"detector.variants: unknown or repeated {unknown or list(self.variants)} (known: {', '.join(DETECTORS)})")
-        if any(s not in PROPOSAL_SOURCES for s in self.finetune) or len(set(self.finetune)) != len(self.finetune):
-            raise ValueError(f"detector.finetune: expected distinct values among {list(PROPOSAL_SOURCES)}, got {list(self.finetune)}")
+        if any(s not in PROPOSERS for s in self.finetune) or len(set(self.finetune)) != len(self.finetune):
+            raise ValueError(f"detector.finetune: expected distinct values among {list(PROPOSERS)}, got {list(self.finetune)}")
         if self.finetune and FINETUNE_BASE not in self.variants:
             raise ValueError(f"detector.finetune needs '{FINETUNE_BASE}' in detector.variants (it fine-tunes that model)")
         if self.backbone_init not in ("rpn", "none"):
@@ -124,14 +95,6 @@ class DetectorsConfig:
         """``finetune_epochs`` epochs at ``train.lr``, lr / 10 after each epoch, no warm-up."""
         return dataclasses.replace(self.train, epochs=self.finetune_epochs, lr_steps=tuple(range(1, self.finetune_epochs)),
                                    warmup_iters=0)
-
-
-def proposal_source(variant: str) -> str | None:
-    """The proposer variant whose cached proposals a detector variant reads (None: none)."""
-    if variant.startswith("finetune_"):
-        return variant.removeprefix("finetune_")
-    kind, guided = DETECTORS[variant]
-    return ("ga_rpn" if guided else "rpn") if kind == "fast_rcnn" else None
 
 
 def num_classes(coco: COCO) -> int:
@@ -196,11 +159,7 @@ def detect(
     for images, targets in loader:
         images = [im.to(device) for im in images]
         extra = {"proposals": proposals.batch(images, targets)} if proposals is not None else {}
-        sync_device(device)
-        started = time.perf_counter()
-        outputs = model(images, **extra)
-        sync_device(device)
-        per_image = (time.perf_counter() - started) / len(images)
+        outputs, per_image = timed_forward(model, images, device, **extra)
         for out, target in zip(outputs, targets):
             detections.append((int(target["image_id"]), out["boxes"].float().cpu().numpy(), out["scores"].float().cpu().numpy(),
                                out["labels"].cpu().numpy().astype(np.int64)))

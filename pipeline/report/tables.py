@@ -1,7 +1,7 @@
 """The report's tables: every paper table as rows of measured results (mean ± std over seeds,
 the MLflow run holding them) beside the paper's numbers, with the conditions they were measured
-under stated above. Pure data: no Ray, MLflow or file I/O (``pipeline.report`` gathers the
-results, ``pipeline.report_render`` writes them out, ``pipeline.claims`` judges them).
+under stated above. Pure data: no Ray, MLflow or file I/O (``pipeline.report.build`` gathers the
+results, ``pipeline.report.render`` writes them out, ``pipeline.report.claims`` judges them).
 
 Units are the paper's: recall and AP in percent, anchors per image, seconds per image.
 """
@@ -15,15 +15,14 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from pipeline.config import PipelineConfig
-from pipeline.sweep_table import CACHED, DONE
-from pipeline.sweeps import SWEEPS, TARGET_METRICS, expand
-from stages import paper
-from stages.detection import LABELS as DETECTOR_LABELS
+from pipeline.report import paper
+from pipeline.sweeps.grids import SWEEPS, TARGET_METRICS, expand
+from pipeline.sweeps.table import CACHED, DONE
+from stages.common.metrics import DETECTION_STATS, PROPOSAL_STATS
+from stages.common.variants import DETECTOR_LABELS, PROPOSER_LABELS
 
-AR3 = ("AR_100", "AR_300", "AR_1000")
+AR3 = PROPOSAL_STATS[:3]  # AR_100, AR_300, AR_1000
 PROPOSAL_COLUMNS = (*paper.AR_COLUMNS, "anchors_per_image", "seconds_per_image")
-DETECTION_COLUMNS = ("AP", "AP50", "AP75", "AP_S", "AP_M", "AP_L")
-PROPOSER_LABELS = {"rpn": "RPN", "ga_rpn": "GA-RPN"}
 
 
 def is_percent(metric: str) -> bool:
@@ -178,7 +177,7 @@ def describe_detectors(cfg: PipelineConfig) -> str:
 
 
 def differences(cfg: PipelineConfig, seeds: int) -> str:
-    """The measured setting, each condition with the paper's (``stages.paper.SETTING``) beside."""
+    """The measured setting, each condition with the paper's (``pipeline.report.paper.SETTING``) beside."""
     ours = describe_setting(cfg).split("; ")
     theirs = paper.SETTING
     pairs = [
@@ -212,7 +211,7 @@ def table1(full: Mapping[str, Result], seeded: SweepRecord | None, cfg: Pipeline
     for label, reference in paper.TABLE1.items():
         result = points.get(label)
         if result is None or result.error:
-            variant = {"RPN": "rpn", "GA-RPN": "ga_rpn"}.get(label)
+            variant = next((v for v, name in PROPOSER_LABELS.items() if name == label), None)
             result = full.get(f"eval_proposals/{variant}") or result
         rows.append(Row(label, result, reference))
     seeds = max((r.result.metrics.get("AR_1000", Stat(0, n=1)).n for r in rows if r.result), default=1)
@@ -259,7 +258,7 @@ def detector_table(anchor: str, title: str, reference: Mapping[str, float], full
     """Tables 2 and 3: a row per detector variant (``eval_detector/<variant>`` of the full run)."""
     rows = tuple(Row(DETECTOR_LABELS[v], full.get(f"eval_detector/{v}"), {"AP": ap}) for v, ap in reference.items())
     return Table(
-        anchor, title, DETECTION_COLUMNS, rows,
+        anchor, title, DETECTION_STATS, rows,
         (f"COCO box AP on the val set. {note}", differences(cfg, 1) + f" The {describe_detectors(cfg)}.",
          _full_source(workdir)),
         "python -m pipeline full (detector.variants / detector.finetune list the detectors it trains)",
@@ -288,7 +287,7 @@ SWEEP_TABLES: tuple[SweepTableSpec, ...] = (
     SweepTableSpec("table-6", "Table 6: centre alignment (C.A.) and feature adaption (F.A.)", "alignment", AR3,
                    lambda p: p["alignment"]),
     SweepTableSpec("table-7", "Table 7: Fast R-CNN by proposals per image and R-CNN IoU threshold", "proposals",
-                   ("AP", "AP50", "AP75"),
+                   DETECTION_STATS[:3],
                    lambda p: f"{PROPOSER_LABELS[p['proposer']]}, {p['num_proposals']} proposals, IoU {p['rcnn_iou']}"),
     SweepTableSpec("sensitivity-k", "Sensitivity to K: approximate shapes sampled per location (vIoU)", "samples",
                    ("AR_100", "AR_1000"), lambda p: f"K = {p['approx_samples']}"),

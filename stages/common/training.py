@@ -27,13 +27,11 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 
 from ga_models import load_state_dict_checked
+from ga_models.fields import NO_EFFECT
+from stages.common.datasets import collate
 from stages.contract import TrainContext
-from stages.datasets import collate
 
 EPOCH_SEED_STRIDE = 1_000_003  # per-epoch seed offset (a prime > any seed * 1000 + rank in use)
-
-# Config fields that cannot change the trained weights: a node's cache key leaves them out.
-NO_EFFECT = {"affects_result": False}
 
 # One optimisation step's forward: (model as wrapped by the context, images on the device,
 # targets as the dataset gives them) -> dict of loss_* scalars.

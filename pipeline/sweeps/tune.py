@@ -35,7 +35,8 @@ from pipeline.failures import error_line
 from pipeline.runner import execute
 from pipeline.stage_table import demands
 from pipeline.store import ArtifactStore
-from pipeline.sweep_table import (
+from pipeline.sweeps.grids import SEED_KEYS, TARGET_METRICS, Sweep, Trial, trial_config
+from pipeline.sweeps.table import (
     CACHED,
     DONE,
     FAILED,
@@ -49,9 +50,8 @@ from pipeline.sweep_table import (
     table_rows,
     write_tables,
 )
-from pipeline.sweeps import SEED_KEYS, TARGET_METRICS, Sweep, Trial, trial_config
 from pipeline.tracking import Tracker
-from stages.io import atomic_write
+from stages.common.io import atomic_write
 
 logger = logging.getLogger(__name__)
 RAY_TUNE_DIR = "_ray_tune"

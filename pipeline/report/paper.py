@@ -3,7 +3,9 @@ report and the sweeps. Recall and AP in percent; metric names as the pipeline lo
 
 from __future__ import annotations
 
-AR_COLUMNS = ("AR_100", "AR_300", "AR_1000", "AR_S", "AR_M", "AR_L")
+from stages.common.metrics import PROPOSAL_STATS
+
+AR_COLUMNS = PROPOSAL_STATS  # the columns of the paper's AR tables
 
 
 def _ar(*values: float) -> dict[str, float]:

@@ -18,12 +18,13 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from pipeline import claims as claims_mod
 from pipeline.config import ConfigError, PipelineConfig, resolve
 from pipeline.dag import build_dag, cache_keys
-from pipeline.report_figures import recall_comparison
-from pipeline.report_render import Page, ReportFigure, RunLink, html, markdown
-from pipeline.report_tables import (
+from pipeline.report import claims as claims_mod
+from pipeline.report import paper
+from pipeline.report.figures import recall_comparison
+from pipeline.report.render import Page, ReportFigure, RunLink, html, markdown
+from pipeline.report.tables import (
     DETECTOR_LABELS,
     SWEEP_TABLES,
     Result,
@@ -36,10 +37,10 @@ from pipeline.report_tables import (
     table1,
 )
 from pipeline.store import ArtifactStore
-from pipeline.sweep_table import TIME_FORMAT
-from pipeline.sweeps import SWEEPS
-from stages import paper
-from stages.io import atomic_write
+from pipeline.sweeps.grids import SWEEPS
+from pipeline.sweeps.table import TIME_FORMAT
+from stages.common.io import atomic_write
+from stages.common.variants import PROPOSER_LABELS
 
 logger = logging.getLogger(__name__)
 FILES_DIR = "report_files"
@@ -127,16 +128,16 @@ def build_figures(full: FullRun, files_dir: Path) -> list[ReportFigure]:
     """The recall curves drawn here from the evaluation nodes' ``curves.json``; Figures 3-6 copied
     from the ``visualize`` node. Missing inputs: the figure is pending."""
     curves = {}
-    for variant, label in (("rpn", "RPN"), ("ga_rpn", "GA-RPN")):
+    for variant in PROPOSER_LABELS:
         node_dir = full.dirs.get(f"eval_proposals/{variant}")
         if node_dir is not None and (node_dir / "curves.json").exists():
-            curves[label] = json.loads((node_dir / "curves.json").read_text())
+            curves[variant] = json.loads((node_dir / "curves.json").read_text())
     figures = []
     if curves:
         recall_comparison(curves, files_dir / "recall.png")
     figures.append(ReportFigure("recall", "Recall curves: RPN and GA-RPN proposals",
                                 "Recall vs proposals per image and vs IoU threshold on the val set, both models on "
-                                "the same axes (the data behind the paper's Fig. 3 and Table 1).",
+                                "the same axes (the curves behind Table 1's AR).",
                                 f"{FILES_DIR}/recall.png" if curves else None,
                                 "python -m pipeline full (the eval_proposals nodes)"))
     visual = full.dirs.get("visualize")

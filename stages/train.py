@@ -3,7 +3,7 @@
 ``run`` hands the per-worker loop ``train_proposer`` to the executor (the pipeline runs it on
 Ray Train workers; ``stages.contract.LocalExecutor`` in one process) and writes ``model.pt``
 (the trained state dict) and ``history.json`` (per-epoch metrics). The loop is
-``stages.training.train_model`` (schedule, sharding, resume), shared with the detector stages.
+``stages.common.training.train_model`` (schedule, sharding, resume), shared with the detector stages.
 """
 
 from __future__ import annotations
@@ -14,10 +14,10 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from ga_models import ProposerConfig, build_proposer
+from stages.common.datasets import CocoDetection
+from stages.common.io import save_torch, write_json
+from stages.common.training import TrainConfig, final_metrics, per_epoch_metrics, train_model
 from stages.contract import Executor, Input, Output, StageResult, TrainContext, only
-from stages.datasets import CocoDetection
-from stages.io import save_torch, write_json
-from stages.training import TrainConfig, final_metrics, per_epoch_metrics, train_model
 
 
 def train_proposer(
@@ -27,7 +27,7 @@ def train_proposer(
     image_root: str | os.PathLike,
     ctx: TrainContext,
 ) -> dict:
-    """Train ``build_proposer(proposer_cfg)`` on a COCO dataset (``stages.training.train_model``);
+    """Train ``build_proposer(proposer_cfg)`` on a COCO dataset (``stages.common.training.train_model``);
     returns the final state, ``state["model"]`` the trained state dict."""
     dataset = CocoDetection(ann_file, image_root, train=True, hflip_prob=cfg.hflip_prob)
     return train_model(functools.partial(build_proposer, proposer_cfg), dataset, cfg, ctx)

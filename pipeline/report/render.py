@@ -10,8 +10,8 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from html import escape
 
-from pipeline.claims import PENDING, Claim, Verdict
-from pipeline.report_tables import Row, Stat, Table, fmt, header, is_percent
+from pipeline.report.claims import PENDING, Claim, Verdict
+from pipeline.report.tables import Row, Stat, Table, fmt, header, is_percent
 
 RunLink = Callable[[str], str]  # MLflow run id -> its URL in the MLflow UI
 

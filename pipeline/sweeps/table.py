@@ -11,8 +11,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from pipeline.config import PipelineConfig
-from pipeline.sweeps import TARGET_METRICS, Sweep, Trial
-from stages.io import atomic_write, write_json
+from pipeline.sweeps.grids import TARGET_METRICS, Sweep, Trial
+from stages.common.io import atomic_write, write_json
 
 DONE, FAILED, PENDING, RUNNING, CACHED = "done", "FAILED", "pending", "running", "done (earlier run)"
 INTERRUPTED = "interrupted"

@@ -23,8 +23,8 @@ An image of the evaluated subset without an entry has no proposals: its objects 
 missed. A metric with no ground truth to measure (e.g. ``AR_L`` on a subset without large
 objects) is ``nan``, where pycocotools writes -1.
 
-``ann_file`` is a path to a COCO annotation JSON, read and checked by ``stages.coco.load_coco`` (the
-reader ``stages.datasets`` uses too), or the ``COCO`` it returned (pass the object to evaluate several
+``ann_file`` is a path to a COCO annotation JSON, read and checked by ``stages.common.coco.load_coco`` (the
+reader ``stages.common.datasets`` uses too), or the ``COCO`` it returned (pass the object to evaluate several
 times without re-reading the file).
 """
 
@@ -35,12 +35,21 @@ import os
 import statistics
 from collections.abc import Iterable, Mapping, Sequence
 
-import faster_coco_eval
 import numpy as np
 from pycocotools.coco import COCO
-from pycocotools.cocoeval import COCOeval
 
-from stages.coco import load_coco, quiet
+from stages.common.coco import quiet
+from stages.common.cocoeval import (
+    DEFAULT_BACKEND,
+    backend_ground_truth,
+    box_cocoeval,
+    image_subset,
+    load_ground_truth,
+    nan_if_negative,
+    result_set,
+    to_results,
+    validate_entries,
+)
 
 IOU_THRESHOLDS: tuple[float, ...] = tuple(np.round(np.linspace(0.5, 0.95, 10), 2).tolist())
 PROPOSAL_MAX_DETS: tuple[int, ...] = (100, 300, 1000)
@@ -54,17 +63,10 @@ AREA_RANGES: dict[str, tuple[float, float]] = {
 ASPECT_RANGES: dict[str, tuple[float, float]] = {"tall": (2.0, math.inf), "square": (0.5, 2.0), "wide": (0.0, 0.5)}
 CURVE_NUM_PROPOSALS: tuple[int, ...] = (10, 20, 50, 100, 200, 300, 500, 1000)
 CURVE_IOUS: tuple[float, ...] = (0.5, 0.7)  # recall-vs-#proposals at these single IoUs, besides the 0.5:0.95 mean
-DETECTION_STATS: tuple[str, ...] = ("AP", "AP50", "AP75", "AP_S", "AP_M", "AP_L")  # COCOeval.stats[0:6]
-BACKENDS: tuple[str, ...] = ("faster", "pycocotools")
-DEFAULT_BACKEND = "faster"
+# The metric names of the two evaluations (paper Table 1; COCOeval.stats[0:6]), for every consumer.
+PROPOSAL_STATS: tuple[str, ...] = (*(f"AR_{n}" for n in PROPOSAL_MAX_DETS), "AR_S", "AR_M", "AR_L")
+DETECTION_STATS: tuple[str, ...] = ("AP", "AP50", "AP75", "AP_S", "AP_M", "AP_L")
 EVAL_CHUNK_IMAGES = 500  # proposal recall is evaluated this many images at a time (bounded memory)
-
-
-def load_ground_truth(ann_file: str | os.PathLike | COCO) -> COCO:
-    """The ground truth through ``stages.coco.load_coco``, the reader the dataset uses too: a missing
-    ``area`` is ``w * h`` of the bbox, a missing ``iscrowd`` is 0; a given ``COCO`` is returned
-    unchanged. Raises ``stages.coco.DatasetError`` (a ``ValueError``) naming the file and id."""
-    return load_coco(ann_file)
 
 
 def evaluate_proposals(
@@ -82,8 +84,8 @@ def evaluate_proposals(
     annotation file).
     """
     gt = load_ground_truth(ann_file)
-    entries = _validate(gt, proposals, with_labels=False)
-    [recall] = _proposal_recall(entries, _image_subset(gt, image_ids), [_areas_setting(gt, PROPOSAL_MAX_DETS)], backend)
+    entries = validate_entries(gt, proposals, with_labels=False)
+    [recall] = _proposal_recall(entries, image_subset(gt, image_ids), [_areas_setting(gt, PROPOSAL_MAX_DETS)], backend)
     return _table1(recall, PROPOSAL_MAX_DETS)
 
 
@@ -102,8 +104,8 @@ def recall_by_aspect(
     a box of the bin (the matcher prefers boxes that are not ignored).
     """
     gt = load_ground_truth(ann_file)
-    entries = _validate(gt, proposals, with_labels=False)
-    [recall] = _proposal_recall(entries, _image_subset(gt, None), [_aspect_setting(gt, num_proposals)], backend)
+    entries = validate_entries(gt, proposals, with_labels=False)
+    [recall] = _proposal_recall(entries, image_subset(gt, None), [_aspect_setting(gt, num_proposals)], backend)
     return _aspect_recall(recall, num_proposals)
 
 
@@ -116,7 +118,7 @@ def recall_curves(
     *,
     backend: str = DEFAULT_BACKEND,
 ) -> dict:
-    """Recall vs number of proposals and vs IoU threshold (the data behind the paper's Fig. 3).
+    """Recall vs number of proposals and vs IoU threshold (the recall curves of ``eval_proposals``).
 
     All areas, class-agnostic, one ``COCOeval`` run. Returns plain JSON-serialisable data::
 
@@ -129,13 +131,13 @@ def recall_curves(
     Values are fractions in [0, 1], or ``nan`` when the subset has no ground truth.
     """
     gt = load_ground_truth(ann_file)
-    entries = _validate(gt, proposals, with_labels=False)
+    entries = validate_entries(gt, proposals, with_labels=False)
     curve_n = sorted({int(n) for n in num_proposals})
     iou_n = sorted({int(n) for n in iou_curve_num_proposals})
     if not curve_n or not iou_n or min(curve_n + iou_n) < 1:
         raise ValueError("num_proposals and iou_curve_num_proposals must be non-empty positive integers")
     max_dets = tuple(sorted(set(curve_n) | set(iou_n)))
-    [recall] = _proposal_recall(entries, _image_subset(gt, image_ids), [(gt, max_dets, (AREA_RANGES["all"],))], backend)
+    [recall] = _proposal_recall(entries, image_subset(gt, image_ids), [(gt, max_dets, (AREA_RANGES["all"],))], backend)
     return _curves(recall[:, 0, :], max_dets, curve_n, iou_n)
 
 
@@ -148,15 +150,15 @@ def proposal_report(
     """Everything the proposal evaluation stage reports, in one pass over the proposals (each chunk
     of images turned into result dicts once, then evaluated for every setting): ``(metrics,
     curves)`` where ``metrics`` = ``evaluate_proposals`` + ``recall_by_aspect`` (at 1000) +
-    ``recall_iou50``/``recall_iou70`` (recall at one IoU with 1000 proposals, the paper's Fig. 3)
+    ``recall_iou50``/``recall_iou70`` (recall at one IoU with 1000 proposals)
     and ``curves`` = ``recall_curves`` with its defaults; the same numbers the three functions give.
     """
     gt = load_ground_truth(ann_file)
-    entries = _validate(gt, proposals, with_labels=False)
+    entries = validate_entries(gt, proposals, with_labels=False)
     top = max(PROPOSAL_MAX_DETS)
     max_dets = tuple(sorted(set(PROPOSAL_MAX_DETS) | set(CURVE_NUM_PROPOSALS)))
     settings = [_areas_setting(gt, max_dets), _aspect_setting(gt, top)]
-    main, aspects = _proposal_recall(entries, _image_subset(gt, None), settings, backend)
+    main, aspects = _proposal_recall(entries, image_subset(gt, None), settings, backend)
     metrics = {**_table1(main, max_dets), **_aspect_recall(aspects, top)}
     curves = _curves(main[:, list(AREA_RANGES).index("all"), :], max_dets, list(CURVE_NUM_PROPOSALS), list(PROPOSAL_MAX_DETS))
     at = curves["num_proposals"].index(top)
@@ -176,21 +178,21 @@ def evaluate_detections(
     ``AP_S``, ``AP_M``, ``AP_L`` as fractions in [0, 1] (``nan`` where undefined), from
     ``COCOeval.summarize`` with the standard parameters (up to 100 detections per image)."""
     gt = load_ground_truth(ann_file)
-    ids = _image_subset(gt, image_ids)
-    entries = _validate(gt, detections, with_labels=True)
+    ids = image_subset(gt, image_ids)
+    entries = validate_entries(gt, detections, with_labels=True)
     anns = []
     for img_id in ids:
         if img_id in entries:
             boxes, scores, labels = entries[img_id]
-            anns.extend(_to_results(img_id, boxes, scores, labels))
-    ground_truth = _backend_ground_truth(gt, backend)
-    ev = _cocoeval(ground_truth, _result_set(ground_truth, anns))
+            anns.extend(to_results(img_id, boxes, scores, labels))
+    ground_truth = backend_ground_truth(gt, backend)
+    ev = box_cocoeval(ground_truth, result_set(ground_truth, anns))
     ev.params.imgIds = ids
     with quiet():
         ev.evaluate()
         ev.accumulate()
         ev.summarize()
-    return {name: _nan_if_negative(float(ev.stats[i])) for i, name in enumerate(DETECTION_STATS)}
+    return {name: nan_if_negative(float(ev.stats[i])) for i, name in enumerate(DETECTION_STATS)}
 
 
 def anchors_per_image(counts: Sequence[int]) -> dict[str, float]:
@@ -210,80 +212,6 @@ def anchors_per_image(counts: Sequence[int]) -> dict[str, float]:
         "anchors_per_image_min": min(values),
         "anchors_per_image_max": max(values),
     }
-
-
-# ---------------------------------------------------------------------------------------------
-
-
-def _image_subset(gt: COCO, image_ids: Iterable[int] | None) -> list[int]:
-    known = set(gt.getImgIds())
-    ids = sorted(known) if image_ids is None else sorted({_image_id(i) for i in image_ids})
-    for i in ids:
-        if i not in known:
-            raise ValueError(f"image id {i} is not in the annotation file")
-    if not ids:
-        raise ValueError("no images to evaluate (empty image subset or annotation file without images)")
-    return ids
-
-
-def _image_id(key) -> int:
-    if isinstance(key, (bool, np.bool_)) or not isinstance(key, (int, np.integer)):
-        raise ValueError(f"image id {key!r} is not an integer")
-    return int(key)
-
-
-def _validate(gt: COCO, entries: Mapping, *, with_labels: bool) -> dict[int, tuple[np.ndarray, ...]]:
-    """Check every entry; returns {image_id: (boxes float[K, 4], scores float[K][, labels int64[K]])}."""
-    known = set(gt.getImgIds())
-    cat_ids = set(gt.getCatIds())
-    n_fields = 3 if with_labels else 2
-    what = "(boxes, scores, labels)" if with_labels else "(boxes, scores)"
-    out = {}
-    for key, value in entries.items():
-        img_id = _image_id(key)
-        if img_id not in known:
-            raise ValueError(f"image id {img_id} is not in the annotation file")
-        if not isinstance(value, (tuple, list)) or len(value) != n_fields:
-            raise ValueError(f"image id {img_id}: expected a tuple {what}")
-        boxes, scores = _floats(value[0]), _floats(value[1])
-        if boxes.ndim != 2 or boxes.shape[1] != 4:
-            raise ValueError(f"image id {img_id}: boxes must have shape [K, 4], got {list(boxes.shape)}")
-        k = boxes.shape[0]
-        if scores.shape != (k,):
-            raise ValueError(f"image id {img_id}: scores must have shape [{k}], got {list(scores.shape)}")
-        if not (np.isfinite(boxes).all() and np.isfinite(scores).all()):
-            raise ValueError(f"image id {img_id}: boxes or scores contain NaN or inf")
-        if (boxes[:, 2] < boxes[:, 0]).any() or (boxes[:, 3] < boxes[:, 1]).any():
-            raise ValueError(f"image id {img_id}: boxes must be xyxy with x2 >= x1 and y2 >= y1")
-        fields = (boxes, scores)
-        if with_labels:
-            labels = np.asarray(value[2])
-            if labels.shape != (k,) or (k and not np.issubdtype(labels.dtype, np.integer)):
-                raise ValueError(f"image id {img_id}: labels must be integers of shape [{k}], got {labels.dtype} {list(labels.shape)}")
-            unknown = set(labels.astype(np.int64).tolist()) - cat_ids
-            if unknown:
-                raise ValueError(f"image id {img_id}: labels {sorted(unknown)} are not category ids of the annotation file")
-            fields += (labels.astype(np.int64),)
-        out[img_id] = fields
-    return out
-
-
-def _floats(values) -> np.ndarray:
-    """``values`` as a float array, without a copy when it is one already (float32 stays float32:
-    every float32 is a float64 exactly, so results and ranking are the same)."""
-    array = np.asarray(values)
-    return array if np.issubdtype(array.dtype, np.floating) else array.astype(np.float64)
-
-
-def _to_results(img_id: int, boxes: np.ndarray, scores: np.ndarray, labels) -> list[dict]:
-    """COCO result dicts (bbox xywh) of one image; ``labels`` is an int64[K] array or one category id."""
-    xywh = boxes.astype(np.float64)  # [K, 4] xyxy -> xywh, a copy (widths in float64)
-    xywh[:, 2:] -= xywh[:, :2]
-    labels = np.broadcast_to(np.asarray(labels, dtype=np.int64), scores.shape)
-    return [
-        {"image_id": img_id, "category_id": c, "bbox": b, "score": s, "area": b[2] * b[3], "iscrowd": 0}
-        for b, s, c in zip(xywh.tolist(), scores.tolist(), labels.tolist())
-    ]
 
 
 # One recall evaluation: (ground truth, maxDets, area ranges); the aspect setting's ground truth codes its bins as areas.
@@ -356,39 +284,6 @@ def _curves(recall: np.ndarray, max_dets: Sequence[int], curve_n: Sequence[int],
     }
 
 
-def _backend_ground_truth(gt: COCO, backend: str) -> COCO:
-    """``gt`` as the ``backend``'s ``COCO`` (the faster one gets its own index over the same dicts)."""
-    if backend not in BACKENDS:
-        raise ValueError(f"unknown COCOeval backend {backend!r}; expected one of {list(BACKENDS)}")
-    if backend == "pycocotools":
-        return gt
-    ground_truth = faster_coco_eval.COCO()
-    ground_truth.dataset = gt.dataset
-    with quiet():
-        ground_truth.createIndex()
-    return ground_truth
-
-
-def _result_set(ground_truth: COCO, anns: list[dict]) -> COCO:
-    """The result dicts ``anns`` (numbered here) as a ``COCO`` of ``ground_truth``'s backend, built
-    directly rather than with ``COCO.loadRes``, which fails on an empty list and adds a polygon per
-    box that box evaluation never reads."""
-    for i, ann in enumerate(anns, start=1):
-        ann["id"] = i
-    res = faster_coco_eval.COCO() if isinstance(ground_truth, faster_coco_eval.COCO) else COCO()
-    gt = ground_truth.dataset
-    res.dataset = {"images": gt["images"], "categories": gt.get("categories", []), "annotations": anns}
-    with quiet():
-        res.createIndex()
-    return res
-
-
-def _cocoeval(ground_truth: COCO, res: COCO):
-    """A box ``COCOeval`` of ``ground_truth``'s backend (``_backend_ground_truth`` picks it)."""
-    faster = isinstance(ground_truth, faster_coco_eval.COCO)
-    return (faster_coco_eval.COCOeval_faster if faster else COCOeval)(ground_truth, res, iouType="bbox")
-
-
 def _proposal_recall(
     entries: Mapping[int, tuple[np.ndarray, np.ndarray]],
     ids: list[int],
@@ -403,7 +298,7 @@ def _proposal_recall(
     is (matched recallable boxes) / (recallable boxes) summed over images, so the chunks' counts
     add up to the numbers one evaluation of every image gives.
     """
-    prepared = [(_backend_ground_truth(gt, backend), tuple(sorted(int(m) for m in max_dets)), areas)
+    prepared = [(backend_ground_truth(gt, backend), tuple(sorted(int(m) for m in max_dets)), areas)
                 for gt, max_dets, areas in settings]
     cat_ids = prepared[0][0].getCatIds()
     # useCats=0 pools detections over params.catIds, so any existing category id will do.
@@ -418,10 +313,10 @@ def _proposal_recall(
             if img_id in entries:
                 boxes, scores = entries[img_id]
                 order = np.argsort(-scores, kind="stable")[:top]  # rank by score, then truncate
-                anns.extend(_to_results(img_id, boxes[order], scores[order], agnostic_cat))
-        res = _result_set(prepared[0][0], anns)
+                anns.extend(to_results(img_id, boxes[order], scores[order], agnostic_cat))
+        res = result_set(prepared[0][0], anns)
         for s, (ground_truth, max_dets, area_ranges) in enumerate(prepared):
-            ev = _cocoeval(ground_truth, res)
+            ev = box_cocoeval(ground_truth, res)
             p = ev.params
             p.imgIds = chunk
             p.useCats = 0
@@ -458,5 +353,3 @@ def _mean_over_iou(recall: np.ndarray) -> np.ndarray:
     return np.where(valid.any(axis=0), mean, np.nan)
 
 
-def _nan_if_negative(value: float) -> float:
-    return math.nan if value < 0 else value

@@ -2,7 +2,7 @@
 
 Layout under ``root`` (a local path or a URI that ``pyarrow.fs.FileSystem.from_uri`` accepts)::
 
-    <shard_id>.parquet   one per write_shard() call, committed atomically (``stages.io.atomic_write``)
+    <shard_id>.parquet   one per write_shard() call, committed atomically (``stages.common.io.atomic_write``)
 
 Parquet schema, one row per image (K = proposals of that image, may be 0)::
 
@@ -49,7 +49,7 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from stages.io import atomic_write, filesystem_for
+from stages.common.io import atomic_write, filesystem_for
 
 SCHEMA_VERSION = 1
 METADATA_KEY = b"ga_proposal_cache"

@@ -1,6 +1,6 @@
 """The paper's claims, each judged on this run's tables: reproduced, not reproduced, or pending
 (a number it needs is not measured yet), with the evidence in words. Pure: tables in, verdicts
-out (``pipeline.report_tables``).
+out (``pipeline.report.tables``).
 
 When is a difference real? GA-RPN varies by several AR points from run to run here, so a
 difference counts only when it exceeds ``margin`` (the claim's size, 0 for "above") by more than
@@ -14,8 +14,8 @@ import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
-from pipeline.report_tables import DETECTOR_LABELS, Stat, Table
-from stages import paper
+from pipeline.report import paper
+from pipeline.report.tables import DETECTOR_LABELS, Stat, Table
 
 REPRODUCED, NOT_REPRODUCED, PENDING = "reproduced", "not reproduced", "pending"
 RULE = ("a difference counts when it exceeds the claim's margin by more than twice its standard error over seeds; "

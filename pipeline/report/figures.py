@@ -1,7 +1,6 @@
-"""The report's own figure: recall of RPN and GA-RPN on the same axes (the data behind the
-paper's Fig. 3), from their ``eval_proposals`` nodes' ``curves.json``
-(``stages.metrics.recall_curves``). The qualitative figures (Figs. 4-6) come from the
-``visualize`` node."""
+"""The report's own figure: the recall curves of RPN and GA-RPN on the same axes, from their
+``eval_proposals`` nodes' ``curves.json`` (``stages.common.metrics.recall_curves``). The paper's
+figures (Figs. 3-6) come from the ``visualize`` node."""
 
 from __future__ import annotations
 
@@ -10,21 +9,21 @@ from collections.abc import Mapping
 
 from matplotlib.figure import Figure
 
-from stages.plots import save_png
+from stages.common.plots import PROPOSER_COLORS, save_png
+from stages.common.variants import PROPOSER_LABELS
 
 FIGSIZE = (11.0, 4.2)  # inches; the PNG is 100 px per inch
-COLORS = {"RPN": "tab:blue", "GA-RPN": "tab:red"}
 IOU_CURVES = {"0.50:0.95": "-", "0.50": "--", "0.70": ":"}  # line style per IoU of recall vs proposals
 
 
 def recall_comparison(curves: Mapping[str, Mapping], path: str | os.PathLike) -> None:
     """Two panels: recall vs number of proposals (AR over IoU 0.50:0.95, recall at IoU 0.5 and
     0.7) and recall vs IoU threshold (at 100 and 1000 proposals), every model on the same axes.
-    ``curves``: model label -> its ``curves.json``."""
+    ``curves``: proposer variant ("rpn", "ga_rpn") -> its ``curves.json``."""
     fig = Figure(figsize=FIGSIZE)
     by_count, by_iou = fig.subplots(1, 2)
-    for label, data in curves.items():
-        color = COLORS.get(label)
+    for variant, data in curves.items():
+        label, color = PROPOSER_LABELS[variant], PROPOSER_COLORS[variant]
         for iou, style in IOU_CURVES.items():
             values = data["recall_vs_proposals"].get(iou)
             if values is not None:

@@ -38,7 +38,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-from stages.io import atomic_write, write_json
+from stages.common.io import atomic_write, write_json
 
 SIZES: dict[str, dict[str, int]] = {
     # seconds-scale, for tests

@@ -1,6 +1,6 @@
 """The sweeps of ``python -m pipeline sweep``: the paper's ablations as named grids, ad-hoc
 ``--grid key=v1,v2`` axes, and their expansion into trials (no Ray or MLflow here; the Ray Tune
-side is ``pipeline.sweep_runner``).
+side is ``pipeline.sweeps.tune``).
 
 A sweep is the product of its axes. An axis is a list of choices; a choice sets config keys
 (applied after the preset and ``--set``) and names itself in MLflow params under plain names
@@ -21,12 +21,12 @@ import yaml
 
 from ga_models.proposer import SHAPE_WEIGHT_PER_PAPER_LAMBDA2
 from pipeline.config import ConfigError, PipelineConfig, parse_assignment, resolve
-from stages import paper
+from pipeline.report import paper
+from stages.common.metrics import DETECTION_STATS, PROPOSAL_STATS
 
-PROPOSAL_METRICS = ("AR_100", "AR_300", "AR_1000", "AR_S", "AR_M", "AR_L", "anchors_per_image", "seconds_per_image")
-DETECTION_METRICS = ("AP", "AP50", "AP75", "AP_S", "AP_M", "AP_L")
+PROPOSAL_METRICS = (*PROPOSAL_STATS, "anchors_per_image", "seconds_per_image")
 # Metrics a trial reports, by the stage of its target node.
-TARGET_METRICS = {"eval_proposals": PROPOSAL_METRICS, "eval_detector": DETECTION_METRICS}
+TARGET_METRICS = {"eval_proposals": PROPOSAL_METRICS, "eval_detector": DETECTION_STATS}
 # Proposal sweeps need no detector: leaving them out also keeps the proposals to the val split.
 NO_DETECTORS = {"detector.variants": [], "detector.finetune": []}
 SEED_KEYS = ("train.seed", "detector.train.seed")  # what --seeds sets per trial
