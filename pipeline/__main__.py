@@ -9,11 +9,12 @@ import logging
 import os
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from pipeline import lock, logs
 from pipeline.config import ConfigError, PipelineConfig, flatten, resolve, to_dict, to_yaml
-from pipeline.dag import Node, build_dag, cache_keys, make_plan
+from pipeline.dag import Node, Step, build_dag, cache_keys, make_plan
 from pipeline.lock import WorkdirBusy
 from pipeline.runtime import RayAddressError, ResourceError, handle_sigterm
 from pipeline.stage_table import STAGE_NAMES, demands
@@ -108,6 +109,45 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
+@dataclass(frozen=True)
+class Invocation:
+    """What a command works on: its parsed arguments, the resolved config, the work directory
+    (``--workdir``, default ``runs/<preset>``) and the artifact store (``--store``, default the
+    work directory)."""
+
+    args: argparse.Namespace
+    cfg: PipelineConfig
+    workdir: Path
+    store: ArtifactStore
+
+    @classmethod
+    def of(cls, args: argparse.Namespace, cfg: PipelineConfig, *, open_dir: bool = False) -> Invocation:
+        """``open_dir``: create and check the work directory now (``open_workdir``)."""
+        workdir = Path(args.workdir or Path("runs", Path(args.preset).stem))
+        if open_dir:
+            open_workdir(workdir)
+        return cls(args, cfg, workdir, ArtifactStore(args.store or workdir))
+
+    @property
+    def preset_name(self) -> str:
+        return Path(self.args.preset).stem
+
+    def tracking_uri(self) -> str:
+        """The MLflow tracking URI of the work directory, checked to answer (``TrackingError``)."""
+        from pipeline import tracking
+
+        uri = tracking.tracking_uri(self.workdir)
+        tracking.check_reachable(uri)
+        return uri
+
+    def tracker(self, uri: str, command: str, **tags: str | None):
+        """The MLflow tracker of this invocation's runs, tagged with the preset, command and code."""
+        from pipeline import tracking
+
+        return tracking.Tracker(uri, self.cfg.name, self.workdir,
+                                {"preset": self.args.preset, "command": command, "git_sha": tracking.git_sha(), **tags})
+
+
 def _main(args: argparse.Namespace) -> int:
     from stages.data import check_paths
 
@@ -121,37 +161,33 @@ def _main(args: argparse.Namespace) -> int:
     stage = getattr(args, "stage", None) or ("data" if args.command == "data" else None)
     targets = [n for n in dag if stage is None or dag[n].stage.name == stage]
     force, rerun_from = select(dag, args.force, "--force"), select(dag, args.rerun_from, "--from")
-    preset_name = Path(args.preset).stem
-    workdir = Path(args.workdir or Path("runs", preset_name))
-    store = ArtifactStore(args.store or workdir)
+    inv = Invocation.of(args, cfg)
     keys = cache_keys(cfg, dag)
-    plan = make_plan(dag, keys, store, targets, force, rerun_from)
+    plan = make_plan(dag, keys, inv.store, targets, force, rerun_from)
 
     if args.command == "plan":
-        print(f"plan for {args.preset!r}, store {store.root}")
+        print(f"plan for {args.preset!r}, store {inv.store.root}")
         for step in plan:
             print(f"  {step.node.id:<30} {step.key[:12]}  {'RUN   ' if step.run else 'cached'}  {step.reason}"
                   + (f"  <- {', '.join(step.node.deps)}" if step.node.deps else ""))
         return 0  # plan only reads: no work directory, summary or MLflow store is created or changed
-    return _run(args, cfg, plan, keys, store, workdir, preset_name)
+    return _run(inv, plan, keys)
 
 
-def _run(args, cfg: PipelineConfig, plan, keys, store: ArtifactStore, workdir: Path, preset_name: str) -> int:
-    from pipeline import runtime, tracking
+def _run(inv: Invocation, plan: list[Step], keys: dict[str, str]) -> int:
+    from pipeline import runtime
 
-    uri = tracking.tracking_uri(workdir)
-    tracking.check_reachable(uri)
+    uri = inv.tracking_uri()
     runtime.check_address()
+    with lock.hold(open_workdir(inv.workdir), f"pipeline {inv.args.command} --preset {inv.args.preset}"):
+        return _run_locked(inv, plan, keys, uri)
 
-    with lock.hold(open_workdir(workdir), f"pipeline {args.command} --preset {args.preset}"):
-        return _run_locked(args, cfg, plan, keys, store, workdir, preset_name, uri)
 
-
-def _run_locked(args, cfg: PipelineConfig, plan, keys, store: ArtifactStore, workdir: Path, preset_name: str,
-                uri: str) -> int:
+def _run_locked(inv: Invocation, plan: list[Step], keys: dict[str, str], uri: str) -> int:
     from pipeline import runtime, tracking
     from pipeline.runner import best_effort, execute, summary_json, summary_table
 
+    args, cfg, workdir = inv.args, inv.cfg, inv.workdir
     config_file = workdir / "config.yaml"
     atomic_write(config_file, to_yaml(cfg).encode())
     started = time.perf_counter()
@@ -161,21 +197,22 @@ def _run_locked(args, cfg: PipelineConfig, plan, keys, store: ArtifactStore, wor
             print(runtime.cluster_summary(), flush=True)
         if any(step.run for step in plan):
             runtime.check_resources(demands(cfg, [step.node.id for step in plan if step.run]))
-        tracker = tracking.Tracker(uri, cfg.name, workdir, {
-            "preset": args.preset, "command": " ".join(["pipeline", args.command] + ([args.stage] if getattr(args, "stage", None) else [])),
-            "git_sha": tracking.git_sha(), "variant": args.variant})
+        command = " ".join(["pipeline", args.command] + ([args.stage] if getattr(args, "stage", None) else []))
+        tracker = inv.tracker(uri, command, variant=args.variant)
         tracker.reap()
-        tracker.start_parent(f"{args.command} {preset_name}", flatten(to_dict(cfg)), config_file)
+        tracker.start_parent(f"{args.command} {inv.preset_name}", flatten(to_dict(cfg)), config_file)
         try:
-            outcomes = execute(cfg, plan, store, keys, tracker, verbose=args.verbose)
+            outcomes = execute(cfg, plan, inv.store, keys, tracker, verbose=args.verbose)
         except BaseException:  # interrupted (Ctrl-C, SIGTERM): no run stays RUNNING
             best_effort("KILLED status", "pipeline", tracker.close_open, [])
             raise
         ok = all(o.error is None for o in outcomes.values()) and len(outcomes) == len(plan)
         summary_file = _write_summary(workdir, summary_json(outcomes))
-        written = _publish_report(cfg, store, workdir, tracker, f"pipeline {args.command}") if args.command == "full" else None
+        wants_report = args.command == "full"
+        report = _publish_report(inv, tracker, f"pipeline {args.command}") if wants_report else None
+        report_failed = wants_report and report is None
         best_effort("the invocation's run (status, summary)", "pipeline", functools.partial(
-            tracker.finish_parent, ok and written is not False, [summary_file]), [])
+            tracker.finish_parent, ok and not report_failed, [summary_file]), [])
     finally:
         if owns_ray:
             import ray
@@ -184,15 +221,15 @@ def _run_locked(args, cfg: PipelineConfig, plan, keys, store: ArtifactStore, wor
     print()
     print(summary_table(outcomes))
     print()
-    if written:
-        print(_report_summary(written))
+    if report is not None:
+        print(_report_summary(report))
     print(f"total {time.perf_counter() - started:.1f}s; summary: {summary_file}")
     print(tracking.how_to_open(uri))
     if not ok:
         missing = [s.node.id for s in plan if s.node.id not in outcomes]
         print(f"pipeline: error: failed: {', '.join(o.node_id for o in outcomes.values() if o.error)}"
               + (f"; not run: {', '.join(missing)}" if missing else ""), file=sys.stderr)
-    return 0 if ok and written is not False else 1
+    return 0 if ok and not report_failed else 1
 
 
 def _sweep(args: argparse.Namespace) -> int:
@@ -211,38 +248,34 @@ def _sweep(args: argparse.Namespace) -> int:
     sweep = with_axes(SWEEPS[args.name], args.grid) if args.name else adhoc_sweep(args.grid)
     cfg = resolve(args.preset, args.overrides)
     check_paths(cfg.data)
-    return _run_sweep(args, sweep, cfg, expand(sweep, cfg.train.seed, args.seeds))
+    return _run_sweep(Invocation.of(args, cfg), sweep, expand(sweep, cfg.train.seed, args.seeds))
 
 
-def _run_sweep(args, sweep, cfg: PipelineConfig, trials) -> int:
+def _run_sweep(inv: Invocation, sweep, trials) -> int:
     from pipeline import runtime, tracking
     from pipeline.sweeps.table import INTERRUPTED, render, table_rows
     from pipeline.sweeps.tune import plan_trials, run_sweep, sweep_key
 
+    args = inv.args
     started = time.perf_counter()
-    preset_name = Path(args.preset).stem
-    workdir = Path(args.workdir or Path("runs", preset_name))
-    store = ArtifactStore(args.store or workdir)
-    planned = plan_trials(sweep, trials, args.preset, args.overrides, cfg, args.target)
-    uri = tracking.tracking_uri(workdir)
-    tracking.check_reachable(uri)
+    planned = plan_trials(sweep, trials, args.preset, args.overrides, inv.cfg, args.target)
+    uri = inv.tracking_uri()
     runtime.check_address()
     command = " ".join(["pipeline sweep", sweep.name] + [f"--grid {g}" for g in args.grid]
                        + [f"--target {t}" for t in args.target] + ([f"--seeds {args.seeds}"] if args.seeds else []))
-    with lock.hold(open_workdir(workdir), command):
-        tracker = tracking.Tracker(uri, cfg.name, workdir, {"preset": args.preset, "command": command,
-                                                            "git_sha": tracking.git_sha()})
+    with lock.hold(open_workdir(inv.workdir), command):
+        tracker = inv.tracker(uri, command)
         tracker.reap()
-        ok, out_dir = run_sweep(sweep, planned, args.seeds, cfg, store, tracker, workdir, args.verbose)
-        written = _publish_report(cfg, store, workdir, tracker, command)
-    if written is False:
+        ok, out_dir = run_sweep(sweep, planned, args.seeds, inv.cfg, inv.store, tracker, inv.workdir, args.verbose)
+        report = _publish_report(inv, tracker, command)
+    if report is None:
         tracker.set_status(tracker.parent_id, "FAILED")
         ok = False
     print()
     print(render(table_rows(sweep, planned, args.seeds)))
     print()
-    if written:
-        print(_report_summary(written))
+    if report is not None:
+        print(_report_summary(report))
     print(f"total {time.perf_counter() - started:.1f}s; table: {out_dir / 'table.md'}")
     print(f"{tracking.how_to_open(uri)}; the trials: tags.sweep_run = 'trial' and "
           f"tags.sweep_key = '{sweep_key(sweep.name, planned, args.seeds)}'")
@@ -260,43 +293,35 @@ def _run_sweep(args, sweep, cfg: PipelineConfig, trials) -> int:
 
 
 def _report(args: argparse.Namespace) -> int:
-    from pipeline import tracking
-
-    cfg = resolve(args.preset, args.overrides)
-    preset_name = Path(args.preset).stem
-    workdir = open_workdir(Path(args.workdir or Path("runs", preset_name)))
-    store = ArtifactStore(args.store or workdir)
-    uri = tracking.tracking_uri(workdir)
-    tracking.check_reachable(uri)
-    tracker = tracking.Tracker(uri, cfg.name, workdir, {"preset": args.preset, "command": "pipeline report",
-                                                        "git_sha": tracking.git_sha()})
-    tracker.start_parent(f"report {preset_name}", flatten(to_dict(cfg)))
-    written = _publish_report(cfg, store, workdir, tracker, "pipeline report")
-    tracker.finish_parent(bool(written))
-    if not written:
+    inv = Invocation.of(args, resolve(args.preset, args.overrides), open_dir=True)
+    tracker = inv.tracker(inv.tracking_uri(), "pipeline report")
+    tracker.start_parent(f"report {inv.preset_name}", flatten(to_dict(inv.cfg)))
+    report = _publish_report(inv, tracker, "pipeline report")
+    tracker.finish_parent(report is not None)
+    if report is None:
         return 1
-    print(_report_summary(written))
+    print(_report_summary(report))
     return 0
 
 
-def _publish_report(cfg: PipelineConfig, store: ArtifactStore, workdir: Path, tracker, command: str):
-    """The report of the work directory, logged to the invocation's run; False (and the error
-    on stderr; the caller fails the run and exits 1) when it could not be written: the results it
+def _publish_report(inv: Invocation, tracker, command: str):
+    """The report of the work directory, logged to the invocation's run; None (and the error on
+    stderr; the caller fails the run and exits 1) when it could not be written: the results it
     reads are left as they were."""
     from pipeline.report.build import publish
 
     try:
-        return publish(cfg, store, workdir, tracker, tracker.parent_id, command)
+        return publish(inv.cfg, inv.store, inv.workdir, tracker, tracker.parent_id, command)
     except Exception as e:  # a broken report must not hide the run's own outcome
         logging.getLogger(__name__).debug("report failed", exc_info=True)
         print(f"pipeline: error: the report could not be written: {type(e).__name__}: {e}", file=sys.stderr)
-        return False
+        return None
 
 
-def _report_summary(written) -> str:
+def _report_summary(report) -> str:
     from pipeline.report.build import summary
 
-    return summary(written)
+    return summary(report)
 
 
 def open_workdir(workdir: Path) -> Path:

@@ -408,7 +408,7 @@ def test_the_page_in_a_real_browser(tmp_path):
     assert "INFO:CONSOLE" not in dom.stderr, dom.stderr  # no script or resource error on the page
     probe = json.loads(dom.stdout.split("<title>PROBE ", 1)[1].split("</title>", 1)[0].replace("&quot;", '"'))
     assert probe["tables"] == 1 + len(PAPER_ROWS) and probe["rows"] > 50
-    assert probe["images"] == 1 and probe["loaded"] == 1  # Fig. 3 drawn; Figs. 4-6 pending (no visualize node)
+    assert probe["images"] == 1 and probe["loaded"] == 1  # the recall curves drawn; Figs. 3-6 pending (no visualize node)
     assert probe["width"] <= 1280  # no horizontal scrolling at a laptop's width
     shot = tmp_path / "page.png"
     run = subprocess.run([*flags, f"--screenshot={shot}", written.html.as_uri()], capture_output=True, timeout=120)

@@ -1,4 +1,4 @@
-"""The paper's numbers (COCO, ResNet-50-FPN; ``docs/ga-reference.md``), in one place for the
+"""The paper's numbers (COCO, ResNet-50-FPN; the team's ``shared/docs/ga-reference.md``), in one place for the
 report and the sweeps. Recall and AP in percent; metric names as the pipeline logs them."""
 
 from __future__ import annotations

@@ -83,8 +83,7 @@ def evaluate_proposals(
     recall. ``image_ids`` restricts the evaluation to a subset (default: every image of the
     annotation file).
     """
-    gt = load_ground_truth(ann_file)
-    entries = validate_entries(gt, proposals, with_labels=False)
+    gt, entries = _checked_proposals(ann_file, proposals)
     [recall] = _proposal_recall(entries, image_subset(gt, image_ids), [_areas_setting(gt, PROPOSAL_MAX_DETS)], backend)
     return _table1(recall, PROPOSAL_MAX_DETS)
 
@@ -103,8 +102,7 @@ def recall_by_aspect(
     the boxes outside a bin are ignored, so they neither count as missed nor take a proposal from
     a box of the bin (the matcher prefers boxes that are not ignored).
     """
-    gt = load_ground_truth(ann_file)
-    entries = validate_entries(gt, proposals, with_labels=False)
+    gt, entries = _checked_proposals(ann_file, proposals)
     [recall] = _proposal_recall(entries, image_subset(gt, None), [_aspect_setting(gt, num_proposals)], backend)
     return _aspect_recall(recall, num_proposals)
 
@@ -130,8 +128,7 @@ def recall_curves(
 
     Values are fractions in [0, 1], or ``nan`` when the subset has no ground truth.
     """
-    gt = load_ground_truth(ann_file)
-    entries = validate_entries(gt, proposals, with_labels=False)
+    gt, entries = _checked_proposals(ann_file, proposals)
     curve_n = sorted({int(n) for n in num_proposals})
     iou_n = sorted({int(n) for n in iou_curve_num_proposals})
     if not curve_n or not iou_n or min(curve_n + iou_n) < 1:
@@ -153,8 +150,7 @@ def proposal_report(
     ``recall_iou50``/``recall_iou70`` (recall at one IoU with 1000 proposals)
     and ``curves`` = ``recall_curves`` with its defaults; the same numbers the three functions give.
     """
-    gt = load_ground_truth(ann_file)
-    entries = validate_entries(gt, proposals, with_labels=False)
+    gt, entries = _checked_proposals(ann_file, proposals)
     top = max(PROPOSAL_MAX_DETS)
     max_dets = tuple(sorted(set(PROPOSAL_MAX_DETS) | set(CURVE_NUM_PROPOSALS)))
     settings = [_areas_setting(gt, max_dets), _aspect_setting(gt, top)]
@@ -212,6 +208,12 @@ def anchors_per_image(counts: Sequence[int]) -> dict[str, float]:
         "anchors_per_image_min": min(values),
         "anchors_per_image_max": max(values),
     }
+
+
+def _checked_proposals(ann_file: str | os.PathLike | COCO, proposals: Mapping) -> tuple[COCO, dict[int, tuple[np.ndarray, ...]]]:
+    """The ground truth and the proposals checked against it (``validate_entries``, no labels)."""
+    gt = load_ground_truth(ann_file)
+    return gt, validate_entries(gt, proposals, with_labels=False)
 
 
 # One recall evaluation: (ground truth, maxDets, area ranges); the aspect setting's ground truth codes its bins as areas.
