@@ -30,9 +30,11 @@ from .fields import INFERENCE_ONLY
 from .precomputed import FastRCNN
 from .proposer import IMAGE_MEAN, IMAGE_STD, SIZE_DIVISIBLE, ProposerConfig, anchor_guidance, build_proposal_network
 from .retinanet import SHAPE_ASSIGNER_IOUS, GARetinaNet, GARetinaNetHead
+from .roi_align import GatherRoIAlign
 
 DETECTOR_KINDS = ("fast_rcnn", "faster_rcnn", "retinanet")
 ROI_RESOLUTION = 7
+ROI_FEATURE_MAPS = ["0", "1", "2", "3"]  # P2-P5, torchvision's default box_roi_pool's (not the pool level)
 
 
 @dataclass(frozen=True)
@@ -121,6 +123,7 @@ def build_detector(cfg: DetectorConfig, num_classes: int) -> nn.Module:
     backbone = build_backbone(p.backbone, p.fpn_channels, p.pretrained_backbone, p.trainable_backbone_layers)
     rcnn = cfg.rcnn
     box = dict(
+        box_roi_pool=GatherRoIAlign(ROI_FEATURE_MAPS, ROI_RESOLUTION, sampling_ratio=2),
         box_head=TwoMLPHead(backbone.out_channels * ROI_RESOLUTION**2, cfg.representation_size),
         box_predictor=FastRCNNPredictor(cfg.representation_size, num_classes),
         box_fg_iou_thresh=rcnn.iou,

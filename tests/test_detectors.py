@@ -170,3 +170,29 @@ def test_evaluation_drops_labels_that_are_no_category_id():
     image_id, boxes, scores, labels = only_categories(
         (7, np.arange(12, dtype=np.float32).reshape(3, 4), np.array([0.9, 0.5, 0.1]), np.array([0, 2, 5])), {1: "a", 2: "b"})
     assert image_id == 7 and labels.tolist() == [2] and scores.tolist() == [0.5] and boxes.tolist() == [[4, 5, 6, 7]]
+
+
+@pytest.mark.parametrize("kind", ["fast_rcnn", "faster_rcnn"])
+def test_rcnn_pools_with_the_gather_roi_align_as_torchvisions_would(kind):
+    """The R-CNNs pool their RoIs with ``GatherRoIAlign``; swapping in torchvision's
+    MultiScaleRoIAlign gives the same losses and gradients (the sampler draws the same RoIs)."""
+    from torchvision.ops import MultiScaleRoIAlign
+
+    from ga_models.roi_align import GatherRoIAlign
+
+    (a, ta), (b, tb) = scene(), scene(80, 100)
+    extra = {"proposals": [proposals_around(ta["boxes"]), proposals_around(tb["boxes"])]} if kind == "fast_rcnn" else {}
+    runs = []
+    for pooler in ("gather", "torchvision"):
+        torch.manual_seed(0)
+        model = build_detector(config(kind, False), NUM_CLASSES).double()
+        assert isinstance(model.roi_heads.box_roi_pool, GatherRoIAlign)
+        if pooler == "torchvision":
+            model.roi_heads.box_roi_pool = MultiScaleRoIAlign(["0", "1", "2", "3"], 7, 2)
+        torch.manual_seed(1)  # the same RoI samples
+        extra_d = {"proposals": [{k: v.double() for k, v in p.items()} for p in extra["proposals"]]} if extra else {}
+        losses = model([a.double(), b.double()], [ta, tb], **extra_d)
+        sum(losses.values()).backward()
+        runs.append(({k: float(v.detach()) for k, v in losses.items()}, model.roi_heads.box_head.fc6.weight.grad.clone()))
+    assert runs[0][0] == pytest.approx(runs[1][0], rel=1e-9)
+    torch.testing.assert_close(runs[0][1], runs[1][1], rtol=1e-8, atol=1e-10)
