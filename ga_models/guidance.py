@@ -116,7 +116,7 @@ class AnchorGuidance:
             sizes, list(self.strides), self.approx_samples, device, self.octave_base_scale, self.center_offset
         )  # [A, S, 4]
         thresholds = (self.shape_pos_iou, self.shape_neg_iou, self.shape_min_pos_iou)
-        assigned = [shape_targets(b, approx, *thresholds) for b in gt_boxes]
+        assigned = [shape_targets(b, approx, sizes, *thresholds) for b in gt_boxes]
         positives, negatives = sample_shape_locations([a.labels for a in assigned])
         sampled = torch.stack(positives)  # [N, A] bool
         shape = torch.cat([out.shape.permute(0, 2, 3, 1).flatten(1, 2) for out in outs], dim=1)  # [N, C_s, H_l, W_l] -> [N, A, C_s]

@@ -78,7 +78,7 @@ def test_malformed_boxes_are_rejected(boxes, message):
     with pytest.raises(ValueError, match=message):
         location_targets(boxes, SIZES, STRIDES)
     with pytest.raises(ValueError, match=message):
-        shape_targets(boxes, approx_anchors(SIZES, STRIDES, 9, torch.device("cpu")))
+        shape_targets(boxes, approx_anchors(SIZES, STRIDES, 9, torch.device("cpu")), SIZES)
 
 
 def test_approx_shape_sets():
@@ -96,7 +96,7 @@ def test_shape_targets_hand_checked():
     # one level, stride 8, 8x8 grid, K = 3 shapes (90.5x45.3, 64x64, 45.3x90.5) centred at ((j+.5)8, (i+.5)8).
     approx = approx_anchors([(8, 8)], [8], 3, torch.device("cpu"), center_offset=0.5)
     gt = torch.tensor([[-20.0, -20.0, 44.0, 44.0]])  # exactly the 64x64 sample at (i, j) = (1, 1)
-    result = shape_targets(gt, approx)
+    result = shape_targets(gt, approx, [(8, 8)])
     at = lambda i, j: i * 8 + j  # noqa: E731
     assert result.viou[at(1, 1)] == pytest.approx(1.0)
     assert result.viou[at(1, 2)] == pytest.approx(3584 / 4608)  # shifted 8 px: 56*64 / (2*64*64 - 56*64)
@@ -120,7 +120,7 @@ def test_viou_is_at_least_the_iou_of_every_sample(k):
     approx = approx_anchors(SIZES, STRIDES, k, torch.device("cpu"))
     xy = torch.rand(6, 2) * 40
     gt = torch.cat([xy, xy + 24 + torch.rand(6, 2) * 36], dim=1)  # sides 24-60: every GT reaches vIoU >= 0.3
-    result = shape_targets(gt, approx)
+    result = shape_targets(gt, approx, SIZES)
     iou = box_iou(gt, approx.reshape(-1, 4)).view(6, -1, k)  # [K, A, S]
     assert (result.viou[None, :, None] >= iou - 1e-6).all()
     assert (result.labels == 1).any()
@@ -131,7 +131,7 @@ def test_viou_is_at_least_the_iou_of_every_sample(k):
 
 def test_shape_targets_without_boxes_and_sampler():
     approx = approx_anchors(SIZES, STRIDES, 9, torch.device("cpu"))
-    empty = shape_targets(torch.zeros(0, 4), approx)
+    empty = shape_targets(torch.zeros(0, 4), approx, SIZES)
     assert (empty.labels == 0).all() and empty.labels.shape == (approx.shape[0],)
     labels = torch.full((1000,), 0, dtype=torch.int64)
     labels[:300] = 1
@@ -174,7 +174,7 @@ def test_shape_loss_normalisations_hand_computed(norm):
     guidance = AnchorGuidance((8,), octave_base_scale=8.0, shape_loss_norm=norm)
     box = torch.tensor([[12.0, 0.0, 52.0, 64.0]])
     out = LevelOutputs(None, torch.zeros(1, 2, 8, 8), torch.zeros(1, 1, 8, 8), torch.zeros(1, 4, 8, 8), None)
-    labels = shape_targets(box, approx_anchors([(8, 8)], [8], 9, torch.device("cpu"))).labels
+    labels = shape_targets(box, approx_anchors([(8, 8)], [8], 9, torch.device("cpu")), [(8, 8)]).labels
     positives, negatives = int((labels == 1).sum()), int((labels == 0).sum())
     assert 0 < positives <= 128 and positives + negatives <= 256
     per_location = bounded_iou_shape_loss(torch.tensor([[64.0, 64.0]]), torch.tensor([[40.0, 64.0]]))[0]

@@ -12,10 +12,11 @@ import yaml
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 from torchvision.models.detection._utils import BoxCoder
+from torchvision.ops import box_iou
 
 from ga_models.anchors import MAX_LOG_RATIO, assign_levels, boxes_from_centers, decode_shape
 from ga_models.ga_rpn import PROPOSAL_DELTA_STDS
-from ga_models.targets import approx_anchors, location_targets, shape_targets
+from ga_models.targets import approx_anchors, approx_viou, location_targets, shape_targets
 from pipeline.config import ConfigError, build_config, flatten, resolve, to_dict
 from stages.common.proposal_cache import ProposalCache
 
@@ -66,7 +67,7 @@ def test_location_targets_are_ternary_and_every_box_has_a_positive_cell(image, o
 def test_shape_labels_follow_the_viou_thresholds(image, samples):
     size, boxes = image
     approx = approx_anchors(featmap_sizes(size), STRIDES, samples, torch.device("cpu"), 4.0)
-    t = shape_targets(boxes, approx, pos_iou=0.7, neg_iou=0.3, min_pos_iou=0.3)
+    t = shape_targets(boxes, approx, featmap_sizes(size), pos_iou=0.7, neg_iou=0.3, min_pos_iou=0.3)
     assert set(t.labels.unique().tolist()) <= {-1, 0, 1}
     assert bool((t.viou >= 0).all() and (t.viou <= 1 + 1e-6).all())
     assert bool((t.viou[t.labels == 0] < 0.3).all())  # negatives: below neg_iou for every box
@@ -77,6 +78,18 @@ def test_shape_labels_follow_the_viou_thresholds(image, samples):
         matches = (t.matched_boxes[positive][:, None, :] == boxes[None]).all(-1).any(-1)
         assert bool(matches.all())
     assert bool((t.matched_boxes[~positive] == 0).all())
+
+
+@SETTINGS
+@given(images_with_boxes(), st.sampled_from([3, 9, 15]), st.sampled_from([0.0, 0.5]))
+def test_grid_viou_is_box_iou_to_the_bit(image, samples, offset):
+    """``approx_viou`` (separable per row and column) equals the best IoU of box_iou over the
+    approximate anchors exactly: the same operations on the same operands."""
+    size, boxes = image
+    sizes = featmap_sizes(size)
+    approx = approx_anchors(sizes, STRIDES, samples, torch.device("cpu"), 4.0, offset)  # [A, S, 4]
+    expected = box_iou(boxes, approx.reshape(-1, 4)).view(len(boxes), len(approx), samples).amax(dim=2)
+    assert torch.equal(approx_viou(boxes, approx, sizes), expected)
 
 
 @st.composite
