@@ -23,6 +23,7 @@ Steps of the kinds run in turn (kind 1's step, kind 2's, ..., then again), so th
 noisy machine hits every kind alike; each kind's figure is the median over its timed steps.
 
     python benchmarks/bench_train_step.py [--steps 6] [--threads 1] [--kinds rpn,ga_rpn]
+    python benchmarks/bench_train_step.py --kinds fast_rcnn_rpn,fast_rcnn_rpn+tv_roi   # RoIAlign A/B
 
 Prints a table (seconds per step, per phase) and the GA-RPN / RPN ratio, and writes JSON
 (default benchmarks/results/train_step.json). Goal: GA-RPN's step <= 1.3x RPN's.
@@ -43,9 +44,10 @@ from pathlib import Path
 
 import torch
 from torch import nn
+from torchvision.ops import MultiScaleRoIAlign
 
 from ga_models import build_proposer, guidance
-from ga_models.detectors import build_detector
+from ga_models.detectors import ROI_FEATURE_MAPS, ROI_RESOLUTION, build_detector
 from pipeline.config import resolve
 from stages.common.datasets import CocoDetection, collate
 from stages.common.detection import num_classes
@@ -142,10 +144,14 @@ def jittered_proposals(targets: list[dict], count: int, generator: torch.Generat
 
 
 def build(kind: str, cfg, classes: int) -> tuple[nn.Module, Callable]:
-    """The model of a kind and its training forward (images, targets) -> losses."""
+    """The model of a kind and its training forward (images, targets) -> losses. ``<kind>+tv_roi``:
+    an R-CNN pooling with torchvision's MultiScaleRoIAlign instead of ``GatherRoIAlign``."""
     if kind in PROPOSERS:
         return build_proposer(cfg.proposer_for(kind)), default_step
+    kind, _, pooler = kind.partition("+")
     model = build_detector(cfg.detector_for(kind), classes)
+    if pooler == "tv_roi":
+        model.roi_heads.box_roi_pool = MultiScaleRoIAlign(ROI_FEATURE_MAPS, ROI_RESOLUTION, sampling_ratio=2)
     if cfg.detector_for(kind).kind != "fast_rcnn":
         return model, default_step
     count = cfg.detector_for(kind).rcnn.proposals_train
@@ -209,7 +215,8 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--images", type=int, default=64, help="synthetic train images generated (default-preset style)")
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (a 1-CPU Ray Train worker: 1)")
-    parser.add_argument("--kinds", default=",".join(PROPOSERS + DETECTORS))
+    parser.add_argument("--kinds", default=",".join(PROPOSERS + DETECTORS),
+                        help="comma-separated; an R-CNN kind + '+tv_roi' pools with torchvision's RoIAlign (A/B)")
     parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "train_step.json"))
     args = parser.parse_args()
     torch.set_num_threads(args.threads)

@@ -202,7 +202,8 @@ def _run_locked(inv: Invocation, plan: list[Step], keys: dict[str, str], uri: st
         tracker.reap()
         tracker.start_parent(f"{args.command} {inv.preset_name}", flatten(to_dict(cfg)), config_file)
         try:
-            outcomes = execute(cfg, plan, inv.store, keys, tracker, verbose=args.verbose)
+            outcomes = execute(cfg, plan, inv.store, keys, tracker, verbose=args.verbose,
+                               capacity=runtime.local_capacity() if owns_ray else None)
         except BaseException:  # interrupted (Ctrl-C, SIGTERM): no run stays RUNNING
             best_effort("KILLED status", "pipeline", tracker.close_open, [])
             raise

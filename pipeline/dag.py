@@ -32,7 +32,10 @@ from pipeline.code_hash import ROOT, code_digest
 from pipeline.config import PipelineConfig
 from pipeline.stage_table import STAGES, Stage
 from stages import data
+from stages.common.training import TrainConfig
 from stages.common.variants import PROPOSERS
+
+LIGHT_NODE_EPOCHS = 0.5  # the weight of a node that trains nothing (inference, evaluation), in epochs
 
 
 @dataclass(frozen=True)
@@ -137,6 +140,33 @@ def _input_key(cfg: PipelineConfig, node: Node, dep: str, keys: dict[str, str], 
     if dep != "data" or split is None:
         return keys[dep]
     return digest({"split": split, "identity": data.split_identity(cfg.data, split), "code": code["data"]})
+
+
+def critical_path(cfg: PipelineConfig, dag: dict[str, Node]) -> dict[str, float]:
+    """Per node the length of the longest chain of work from it to the end of the DAG (itself
+    included), in epochs: a training node weighs its schedule's epochs, any other node one
+    ``LIGHT_NODE_EPOCHS``. The runner starts ready nodes in this order on a machine of fixed size,
+    so that what the most work waits on (GA-RPN, the Faster R-CNN that fine-tuning starts from)
+    starts first."""
+    children: dict[str, list[str]] = {n: [] for n in dag}
+    for node in dag.values():
+        for dep in node.deps:
+            if dep in children:  # a cached target's inputs may be left out
+                children[dep].append(node.id)
+    length: dict[str, float] = {}
+    for node_id in reversed(list(dag)):  # children first
+        schedule = _schedule(config_slice(cfg, dag[node_id]))
+        own = schedule.epochs if dag[node_id].stage.trains_weights and schedule is not None else LIGHT_NODE_EPOCHS
+        length[node_id] = own + max((length[c] for c in children[node_id]), default=0.0)
+    return length
+
+
+def _schedule(slice_: Any):
+    """The training schedule (a ``TrainConfig`` field) of a config slice, or None."""
+    if dataclasses.is_dataclass(slice_):
+        return next((v for v in (getattr(slice_, f.name) for f in dataclasses.fields(slice_)) if isinstance(v, TrainConfig)),
+                    None)
+    return None
 
 
 CACHED = "complete output for this key"

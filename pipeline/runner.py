@@ -9,13 +9,14 @@ import functools
 import logging
 import time
 import traceback
+from collections.abc import Mapping
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 
 import ray
 
 from pipeline.config import PipelineConfig, flatten
-from pipeline.dag import FORCED, RERUN, Step, config_slice, keyed_slice
+from pipeline.dag import FORCED, RERUN, Step, config_slice, critical_path, keyed_slice
 from pipeline.executor import RayExecutor, node_input, run_node, run_node_task
 from pipeline.failures import error_line
 from pipeline.stage_table import BY_NAME
@@ -60,6 +61,38 @@ def node_params(cfg: PipelineConfig, step: Step) -> dict:
     return {"node": step.node.id, **flatten({section: keyed} if section else keyed)}
 
 
+class Admission:
+    """Which ready nodes start now (see ``execute``): all of them without a ``capacity``; with one,
+    in ``priority`` order (highest first; plan order among equals) those whose ``demand`` fits
+    what the admitted, unfinished nodes leave free, and always at least one when none runs."""
+
+    def __init__(self, priority: Mapping[str, float], demand: Mapping[str, Mapping[str, float]],
+                 capacity: Mapping[str, float] | None) -> None:
+        self.priority, self.demand = priority, demand
+        self.free = dict(capacity) if capacity is not None else None
+        self.running: set[str] = set()
+
+    def admit(self, ready: list[Step]) -> list[Step]:
+        """The steps of ``ready`` (in plan order) to start now, in the order to start them."""
+        if self.free is None:
+            return list(ready)
+        admitted = []
+        for step in sorted(ready, key=lambda s: -self.priority[s.node.id]):  # sorted is stable
+            need = self.demand[step.node.id]
+            if self.running and any(amount > self.free.get(name, 0.0) + 1e-9 for name, amount in need.items()):
+                continue  # waits for a running node to finish
+            self.free = {name: left - need.get(name, 0.0) for name, left in self.free.items()}
+            self.running.add(step.node.id)
+            admitted.append(step)
+        return admitted
+
+    def release(self, step: Step) -> None:
+        """``step``'s node finished (or failed): what it held is free again."""
+        if self.free is not None and step.node.id in self.running:
+            self.running.discard(step.node.id)
+            self.free = {name: left + self.demand[step.node.id].get(name, 0.0) for name, left in self.free.items()}
+
+
 def execute(
     cfg: PipelineConfig,
     plan: list[Step],
@@ -67,9 +100,17 @@ def execute(
     keys: dict[str, str],
     tracker: Tracker | None,
     verbose: bool = False,
+    capacity: Mapping[str, float] | None = None,
 ) -> dict[str, Outcome]:
     """Run the plan; returns an Outcome per covered node (in plan order). After a failure no
-    new node starts; the ones running finish."""
+    new node starts; the ones running finish.
+
+    ``capacity``: the resources of a machine of fixed size (``runtime.local_capacity``). With it,
+    a ready node starts only when its demand (``Stage.resources``) fits what the running nodes
+    leave free (or nothing runs), ready nodes in critical-path order (``dag.critical_path``): Ray
+    would otherwise grant them in the order their requests happened to arrive, and a short
+    training could hold the core that the longest chain waits for. Without it (a cluster, which may
+    grow with what is queued on it) every ready node starts at once and Ray queues them."""
     outcomes: dict[str, Outcome] = {}
     manifests: dict[str, dict] = {}
     for step in plan:
@@ -84,13 +125,15 @@ def execute(
                     outcome.untracked)
             logger.info("= %-30s cached (%s)", step.node.id, step.key[:12])
     pending = [s for s in plan if s.run]
+    admission = Admission(critical_path(cfg, {s.node.id: s.node for s in plan}),
+                          {s.node.id: _demand(cfg, s) for s in pending}, capacity)
     running = {}
     failed = False
     pool = ThreadPoolExecutor(max_workers=max(1, len(pending)))
     try:
         while pending or running:
             if not failed:
-                for step in [s for s in pending if all(d in manifests for d in s.node.deps)]:
+                for step in admission.admit([s for s in pending if all(d in manifests for d in s.node.deps)]):
                     pending.remove(step)
                     running[pool.submit(_run_one, cfg, step, store, keys, manifests, tracker, verbose)] = step
             if not running:
@@ -98,6 +141,7 @@ def execute(
             done, _ = wait(running, return_when=FIRST_COMPLETED)
             for fut in done:
                 step = running.pop(fut)
+                admission.release(step)
                 outcome, manifest = fut.result()
                 outcomes[step.node.id] = outcome
                 if manifest is None:
@@ -111,6 +155,12 @@ def execute(
         raise
     pool.shutdown()
     return {s.node.id: outcomes[s.node.id] for s in plan if s.node.id in outcomes}
+
+
+def _demand(cfg: PipelineConfig, step: Step) -> dict[str, float]:
+    """What a running node holds of the machine: its Ray workers' or task's CPUs and GPUs."""
+    count, bundle = step.node.stage.resources(cfg).demand()
+    return {name: count * amount for name, amount in bundle.items()}
 
 
 def _run_one(cfg, step: Step, store: ArtifactStore, keys, manifests, tracker, verbose) -> tuple[Outcome, dict | None]:

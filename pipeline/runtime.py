@@ -66,6 +66,18 @@ def init_ray() -> bool:
     return True
 
 
+def local_capacity() -> dict[str, float] | None:
+    """The CPUs and GPUs of the Ray instance on this machine that this process started (a fixed
+    size: no autoscaler), or None when it joined a cluster (``RAY_ADDRESS``), whose size may grow
+    with the work queued on it."""
+    import ray
+
+    if os.environ.get(ENV) or not ray.is_initialized():
+        return None
+    resources = ray.cluster_resources()
+    return {name: float(resources.get(name, 0.0)) for name in ("CPU", "GPU")}
+
+
 def handle_sigterm() -> None:
     """Make SIGTERM (a scheduler's or ``kill``'s) end this process as Ctrl-C does: a
     KeyboardInterrupt in the main thread, so every ``finally`` and interrupted-run handler runs."""
