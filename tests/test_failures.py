@@ -14,7 +14,7 @@ from ray.train import WorkerGroupError
 from ray.train.v2.api.exceptions import ControllerError
 
 from pipeline import tracking
-from pipeline.executor import RayExecutor
+from pipeline.executor import HEALTH_CHECK_INTERVAL_ENV, HEALTH_CHECK_INTERVAL_S, RayExecutor
 from pipeline.failures import error_line, is_system_failure
 from pipeline.runner import Outcome, best_effort, summary_json, summary_table
 from pipeline.stage_table import Resources
@@ -75,6 +75,27 @@ def test_training_retries_system_failures_only(tmp_path, monkeypatch, errors, ma
     else:
         assert executor.train(None, None)["epoch"] == 2  # resumed state: the newest checkpoint
     assert len(made) == attempts
+
+
+@pytest.mark.parametrize("users_value, seen", [(None, HEALTH_CHECK_INTERVAL_S), ("3.0", "3.0")])
+def test_ray_train_polls_its_workers_often_unless_the_user_says(tmp_path, monkeypatch, users_value, seen):
+    """Each epoch's ``ray.train.report`` waits for the controller's poll: the fit must see the short
+    interval in its environment (Ray Train propagates it to the controller), a user's own value kept."""
+    if users_value is None:
+        monkeypatch.delenv(HEALTH_CHECK_INTERVAL_ENV, raising=False)
+    else:
+        monkeypatch.setenv(HEALTH_CHECK_INTERVAL_ENV, users_value)
+    save_torch({"epoch": 1, "history": []}, tmp_path / "_ray_train" / "key" / "epoch_0001" / "checkpoint.pt")
+    executor = RayExecutor("train/x", "key", Resources("driver"), ArtifactStore(tmp_path))
+    at_fit = []
+
+    class Recording(FakeTrainer):
+        def fit(self):
+            at_fit.append(os.environ.get(HEALTH_CHECK_INTERVAL_ENV))
+
+    monkeypatch.setattr(RayExecutor, "_trainer", lambda self, loop, config: Recording([]))
+    executor.train(None, None)
+    assert at_fit == [seen]
 
 
 def test_untracked_work_is_said_in_the_summary(caplog):
