@@ -42,12 +42,13 @@ from stages.contract import CHECKPOINT_FILE, Input, Output, StageResult, TrainCo
 
 logger = logging.getLogger(__name__)
 RAY_TRAIN_DIR = "_ray_train"
-# How often Ray Train V2's controller polls its workers (Ray's default 2 s). A worker's
-# ``ray.train.report`` waits for that poll (its result queue holds one report), so each epoch's
-# report blocked ~2 s, and a fit's start and end waited for polls too: a 12-epoch fit of a trivial
-# loop took 36-39 s at 2 s and 15 s at 0.25 s, the same CPU time (~20 s, process start-up and
-# imports); on the default preset that was ~20 s of every training node's ~26 s outside its
-# epochs, with a core held. Polling 4 times a second costs the controller well under 1% of a core.
+# How often Ray Train V2's controller polls its workers (Ray's default 2 s). A fit's start and end
+# wait for polls, and a worker's ``ray.train.report`` waits for the poll that takes its previous
+# report (its result queue holds one): reports that follow each other quickly (the short epochs of
+# tests and the smoke preset) each waited ~2 s. A trivial 12-epoch fit took 36-39 s at 2 s and 15 s
+# at 0.25 s, the same CPU time (~20 s: process start-up and imports). Epochs of the default preset
+# are long enough that their reports never wait; there it saves the waits at the ends (a few seconds
+# per fit, not measurable in `make full`). Polling 4 times a second costs well under 1% of a core.
 # A value the user sets in the environment wins (Ray Train propagates it to the controller).
 HEALTH_CHECK_INTERVAL_ENV = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"
 HEALTH_CHECK_INTERVAL_S = "0.25"
