@@ -9,8 +9,8 @@ proposals each, 512 RoIs sampled per image) its backward alone was 47% of the st
 transposed sparse matrix (map rows x bins, the same weights) times the bins' gradients, one
 ``torch.sparse.mm`` over all channels at once (``embedding_bag``'s own backward sorts the 4 s^2
 R P_h P_w indices first: 2x slower). One thread, 64 channels, 7 x 7 bins, s = 2, 64 x 64 map,
-2,048 RoIs: forward 23 ms, backward 94 ms (``embedding_bag``'s 188 ms); against torchvision's
-kernel, forward + backward ~0.25x its time. Values and gradients equal torchvision's to float
+2,048 RoIs: forward 23 ms, backward 72 ms (``embedding_bag``'s 188 ms); a Fast R-CNN training
+step with it takes 0.61x the time it takes with torchvision's op. Values and gradients equal torchvision's to float
 rounding (tested, including boxes partly or wholly outside the map and ``aligned`` both ways).
 As torchvision's op, no gradient reaches the boxes. On CUDA torchvision's kernel is used.
 

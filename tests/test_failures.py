@@ -79,8 +79,9 @@ def test_training_retries_system_failures_only(tmp_path, monkeypatch, errors, ma
 
 @pytest.mark.parametrize("users_value, seen", [(None, HEALTH_CHECK_INTERVAL_S), ("3.0", "3.0")])
 def test_ray_train_polls_its_workers_often_unless_the_user_says(tmp_path, monkeypatch, users_value, seen):
-    """Each epoch's ``ray.train.report`` waits for the controller's poll: the fit must see the short
-    interval in its environment (Ray Train propagates it to the controller), a user's own value kept."""
+    """A ``ray.train.report`` soon after the previous one, and a fit's start and end, wait for the
+    controller's poll: the fit must see the short interval in its environment (Ray Train propagates
+    it to the controller), a user's own value kept."""
     if users_value is None:
         monkeypatch.delenv(HEALTH_CHECK_INTERVAL_ENV, raising=False)
     else:
