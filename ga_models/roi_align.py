@@ -10,8 +10,9 @@ transposed sparse matrix (map rows x bins, the same weights) times the bins' gra
 ``torch.sparse.mm`` over all channels at once (``embedding_bag``'s own backward sorts the 4 s^2
 R P_h P_w indices first: 2x slower). One thread, 64 channels, 7 x 7 bins, s = 2, 64 x 64 map,
 2,048 RoIs: forward 23 ms, backward 72 ms (``embedding_bag``'s 188 ms); a Fast R-CNN training
-step with it takes 0.61x the time it takes with torchvision's op. Values and gradients equal torchvision's to float
-rounding (tested, including boxes partly or wholly outside the map and ``aligned`` both ways).
+step with it takes 0.61x the time it takes with torchvision's op. Values and gradients equal
+torchvision's to float rounding (tested, including boxes partly or wholly outside the map and
+``aligned`` both ways).
 As torchvision's op, no gradient reaches the boxes. On CUDA torchvision's kernel is used.
 
 Shape shorthand: N images, C channels, H x W map, R RoIs, P_h x P_w bins (output_size), s samples
