@@ -29,7 +29,7 @@ from .backbones import RETINA_STRIDES, build_backbone
 from .fields import INFERENCE_ONLY
 from .precomputed import FastRCNN
 from .proposer import IMAGE_MEAN, IMAGE_STD, SIZE_DIVISIBLE, ProposerConfig, anchor_guidance, build_proposal_network
-from .retinanet import SHAPE_ASSIGNER_IOUS, GARetinaNet, GARetinaNetHead
+from .retinanet import SHAPE_ASSIGNER_IOUS, GARetinaNet, GARetinaNetHead, conv_tower, normal_init
 from .roi_align import GatherRoIAlign
 
 DETECTOR_KINDS = ("fast_rcnn", "faster_rcnn", "retinanet")
@@ -77,6 +77,11 @@ class DetectorConfig:
     ``retina_group_norm``: GroupNorm in both RetinaNet heads' conv towers (torchvision's v2 head;
     not the paper's). A narrow FPN needs it: with N(0, 0.01) weights, 4 unnormalised 3x3 convs of
     64 channels shrink the signal ~300-fold, and the heads barely train in a short schedule.
+    ``retina_num_convs``: 3x3 convs in each tower (classification, regression) of both RetinaNet
+    heads; 4 in the paper, torchvision and the reference.
+    ``retina_shape_delta_std``: GA-RetinaNet's anchor-shape coder std (the shape branch's output
+    is scaled by it before exp); the reference's GA-RetinaNet config uses 1.0, its GA-RPN 0.14
+    (``ProposerConfig.shape_delta_std``, GA-RPN's and GA-Faster R-CNN's).
     """
 
     kind: str
@@ -86,6 +91,8 @@ class DetectorConfig:
     representation_size: int = 1024
     retina_octave_base_scale: float = 4.0
     retina_group_norm: bool = False
+    retina_num_convs: int = 4
+    retina_shape_delta_std: float = 1.0
     score_thresh: float = field(default=0.05, metadata=INFERENCE_ONLY)
     nms_thresh: float = field(default=0.5, metadata=INFERENCE_ONLY)
     detections_per_image: int = field(default=100, metadata=INFERENCE_ONLY)
@@ -101,6 +108,10 @@ class DetectorConfig:
             raise ValueError("representation_size and detections_per_image must be >= 1")
         if self.retina_octave_base_scale <= 0:
             raise ValueError(f"retina_octave_base_scale must be > 0, got {self.retina_octave_base_scale}")
+        if not isinstance(self.retina_num_convs, int) or self.retina_num_convs < 1:
+            raise ValueError(f"retina_num_convs must be an integer >= 1, got {self.retina_num_convs!r}")
+        if not 0 < self.retina_shape_delta_std <= 10:
+            raise ValueError(f"retina_shape_delta_std must be in (0, 10], got {self.retina_shape_delta_std}")
         if not 0 <= self.score_thresh < 1 or not 0 < self.nms_thresh <= 1:
             raise ValueError(f"score_thresh must be in [0, 1) and nms_thresh in (0, 1], got {self.score_thresh}, {self.nms_thresh}")
 
@@ -151,13 +162,17 @@ def _build_retinanet(cfg: DetectorConfig, num_classes: int, transform: dict) -> 
     norm = functools.partial(nn.GroupNorm, 32 if channels % 32 == 0 else 8) if cfg.retina_group_norm else None
     if cfg.guided:
         ious = dict(zip(("shape_pos_iou", "shape_neg_iou", "shape_min_pos_iou"), SHAPE_ASSIGNER_IOUS))
-        guidance = anchor_guidance(p, RETINA_STRIDES, octave_base_scale=cfg.retina_octave_base_scale, **ious)
-        head = GARetinaNetHead(channels, num_classes, norm_layer=norm)
+        guidance = anchor_guidance(p, RETINA_STRIDES, octave_base_scale=cfg.retina_octave_base_scale,
+                                   shape_delta_std=cfg.retina_shape_delta_std, **ious)
+        head = GARetinaNetHead(channels, num_classes, num_convs=cfg.retina_num_convs, norm_layer=norm)
         return GARetinaNet(backbone, num_classes, guidance, loc_threshold=p.loc_threshold, head=head, **common)
     base = cfg.retina_octave_base_scale
     sizes = tuple(tuple(base * s * 2 ** (i / 3) for i in range(3)) for s in RETINA_STRIDES)
     anchors = AnchorGenerator(sizes, ((0.5, 1.0, 2.0),) * len(sizes))
     head = RetinaNetHead(channels, anchors.num_anchors_per_location()[0], num_classes, norm_layer=norm)
+    for branch in (head.classification_head, head.regression_head):  # torchvision's towers have 4 convs
+        branch.conv = conv_tower(channels, cfg.retina_num_convs, norm)
+        normal_init(branch.conv)
     return RetinaNet(backbone, num_classes, anchor_generator=anchors, head=head, **common)
 
 

@@ -50,6 +50,23 @@ RETINA_GUIDANCE = AnchorGuidance((8, 16, 32, 64, 128), octave_base_scale=4.0, sh
                                  shape_neg_iou=SHAPE_ASSIGNER_IOUS[1], shape_min_pos_iou=SHAPE_ASSIGNER_IOUS[2])
 
 
+def conv_tower(channels: int, num_convs: int, norm_layer: Callable[[int], nn.Module] | None = None) -> nn.Sequential:
+    """A RetinaNet head tower: ``num_convs`` x (3x3 conv C -> C [+ ``norm_layer``] + ReLU), the
+    modules and state-dict keys (``<i>.0.weight``) of torchvision's ``RetinaNetHead`` towers (a
+    tower of 4 loads torchvision's). Not initialised: ``normal_init`` it. Tensor[N, C, H, W] ->
+    Tensor[N, C, H, W]."""
+    return nn.Sequential(*(misc_nn_ops.Conv2dNormActivation(channels, channels, norm_layer=norm_layer)
+                           for _ in range(num_convs)))
+
+
+def normal_init(*modules: nn.Module) -> None:
+    """torchvision's RetinaNet head init: every Conv2d in ``modules`` (in order) N(0, 0.01), zero bias."""
+    for conv in (m for module in modules for m in module.modules() if isinstance(m, nn.Conv2d)):
+        nn.init.normal_(conv.weight, std=0.01)
+        if conv.bias is not None:  # a conv followed by a norm has none
+            nn.init.zeros_(conv.bias)
+
+
 class GARetinaNetHead(nn.Module):
     """The GA-RetinaNet head, parameters shared across levels:
 
@@ -89,23 +106,15 @@ class GARetinaNetHead(nn.Module):
         self.smooth_l1_beta = smooth_l1_beta
         self.box_coder = det_utils.BoxCoder(weights=BOX_CODER_WEIGHTS)
 
-        def tower() -> nn.Sequential:
-            return nn.Sequential(*(misc_nn_ops.Conv2dNormActivation(in_channels, in_channels, norm_layer=norm_layer)
-                                   for _ in range(num_convs)))
-
-        self.cls_convs = tower()
-        self.reg_convs = tower()
+        self.cls_convs = conv_tower(in_channels, num_convs, norm_layer)
+        self.reg_convs = conv_tower(in_channels, num_convs, norm_layer)
         self.conv_loc = nn.Conv2d(in_channels, 1, 1)
         self.conv_shape = nn.Conv2d(in_channels, 2, 1)
         self.feature_adaption_cls = FeatureAdaption(in_channels, in_channels, deform_groups=deform_groups)
         self.feature_adaption_reg = FeatureAdaption(in_channels, in_channels, deform_groups=deform_groups)
         self.conv_cls = MaskedConv2d(in_channels, num_classes, kernel_size=3)
         self.conv_reg = MaskedConv2d(in_channels, 4, kernel_size=3)
-        convs = [m for m in (*self.cls_convs.modules(), *self.reg_convs.modules()) if isinstance(m, nn.Conv2d)]
-        for conv in (*convs, self.conv_loc, self.conv_shape, self.conv_cls, self.conv_reg):
-            nn.init.normal_(conv.weight, std=0.01)
-            if conv.bias is not None:  # a conv followed by a norm has none
-                nn.init.zeros_(conv.bias)
+        normal_init(self.cls_convs, self.reg_convs, self.conv_loc, self.conv_shape, self.conv_cls, self.conv_reg)
         prior_bias = -math.log((1 - prior_probability) / prior_probability)
         nn.init.constant_(self.conv_loc.bias, prior_bias)
         nn.init.constant_(self.conv_cls.bias, prior_bias)

@@ -154,6 +154,55 @@ def test_retinanet_heads_with_and_without_group_norm():
         assert sum(isinstance(m, torch.nn.GroupNorm) for m in normed.head.modules()) == 8  # 4 convs x 2 towers
 
 
+def test_retinanet_tower_depth_in_both_heads():
+    """``retina_num_convs`` sets each tower's 3x3 convs in the dense and the guided head alike, each
+    conv N(0, 0.01) with zero bias (torchvision's init); a tower of 4 has torchvision's keys."""
+    from torchvision.models.detection.retinanet import RetinaNetHead
+
+    from ga_models.retinanet import conv_tower
+
+    for guided in (False, True):
+        for depth in (1, 2, 6):
+            model = build_detector(dataclasses.replace(config("retinanet", guided), retina_num_convs=depth, retina_group_norm=False),
+                                   NUM_CLASSES)
+            towers = ((model.head.cls_convs, model.head.reg_convs) if guided
+                      else (model.head.classification_head.conv, model.head.regression_head.conv))
+            for tower in towers:
+                convs = [m for m in tower.modules() if isinstance(m, torch.nn.Conv2d)]
+                assert len(convs) == depth and all(c.kernel_size == (3, 3) for c in convs)
+                assert all(float(c.bias.abs().max()) == 0 for c in convs)
+                assert all(0.007 < float(c.weight.std()) < 0.013 for c in convs)  # 16 x 16 x 9 draws of N(0, 0.01)
+            model.eval()(torch.rand(2, 3, 96, 128).unbind(0))  # both heads run at any depth
+    torchvision_tower = RetinaNetHead(16, 9, NUM_CLASSES).classification_head.conv
+    conv_tower(16, 4).load_state_dict(torchvision_tower.state_dict())  # strict: the same keys and shapes
+
+
+def test_ga_retinanet_anchor_coder_std_is_its_own():
+    """GA-RetinaNet decodes anchor shapes with ``retina_shape_delta_std`` (the reference's 1.0),
+    GA-RPN (and GA-Faster R-CNN's RPN) with the proposer's ``shape_delta_std`` (0.14)."""
+    retina = build_detector(config("retinanet", True), NUM_CLASSES)
+    assert retina.guidance.shape_delta_std == 1.0
+    retina = build_detector(dataclasses.replace(config("retinanet", True), retina_shape_delta_std=0.5), NUM_CLASSES)
+    assert retina.guidance.shape_delta_std == 0.5
+    faster = build_detector(dataclasses.replace(config("faster_rcnn", True), retina_shape_delta_std=0.5), NUM_CLASSES)
+    assert faster.rpn.guidance.shape_delta_std == ProposerConfig.shape_delta_std == 0.14
+
+
+def test_detector_section_passes_retina_settings_to_the_retinanets_only():
+    """The ``detector`` section's RetinaNet settings reach the models that read them and leave the
+    others' configs (so their cache keys) at the defaults."""
+    from stages.common.detection import DetectorsConfig
+
+    section = DetectorsConfig(retina_num_convs=2, retina_shape_delta_std=0.5, retina_group_norm=True)
+    proposer = ProposerConfig(**PROPOSER)
+    ga = section.spec("ga_retinanet", proposer)
+    dense = section.spec("retinanet", proposer)
+    faster = section.spec("ga_faster_rcnn", proposer)
+    assert (ga.retina_num_convs, ga.retina_shape_delta_std) == (2, 0.5)
+    assert (dense.retina_num_convs, dense.retina_shape_delta_std) == (2, DetectorConfig.retina_shape_delta_std)
+    assert (faster.retina_num_convs, faster.retina_shape_delta_std, faster.retina_group_norm) == (4, 1.0, False)
+
+
 def test_config_checks():
     with pytest.raises(ValueError, match="does not match guided"):
         DetectorConfig("faster_rcnn", True, ProposerConfig(kind="rpn"), RCNNSettings())
@@ -161,6 +210,10 @@ def test_config_checks():
         DetectorConfig("retinanet", False, ProposerConfig(kind="rpn"), RCNNSettings())
     with pytest.raises(ValueError, match="num_classes must be >= 2"):
         build_detector(config("retinanet", True), 1)
+    with pytest.raises(ValueError, match="retina_num_convs must be an integer >= 1"):
+        dataclasses.replace(config("retinanet", True), retina_num_convs=0)
+    with pytest.raises(ValueError, match=r"retina_shape_delta_std must be in \(0, 10\]"):
+        dataclasses.replace(config("retinanet", True), retina_shape_delta_std=0.0)
 
 
 def test_evaluation_drops_labels_that_are_no_category_id():

@@ -39,8 +39,8 @@ class DetectorsConfig:
     ``backbone_init``: ``rpn`` starts every detector's backbone from the trained RPN baseline's
     (the same start for GA and baseline detectors; a stand-in for the paper's ImageNet
     pre-training on machines without it), ``none`` from ``proposer.pretrained_backbone``.
-    ``representation_size``, ``retina_octave_base_scale``, ``retina_group_norm``: see
-    ``ga_models.detectors.DetectorConfig``.
+    ``representation_size``, ``retina_octave_base_scale``, ``retina_group_norm``,
+    ``retina_num_convs``, ``retina_shape_delta_std``: see ``ga_models.detectors.DetectorConfig``.
     ``baseline``/``guided``: the R-CNN settings with RPN / GA-RPN proposals (Table 7's grid).
     ``train``: the detectors' schedule; fine-tuning takes ``finetune_epochs`` epochs of it at
     ``train.lr`` with the lr divided by 10 after each epoch and no warm-up.
@@ -52,6 +52,8 @@ class DetectorsConfig:
     representation_size: int = 1024
     retina_octave_base_scale: float = 4.0
     retina_group_norm: bool = False
+    retina_num_convs: int = DetectorConfig.retina_num_convs
+    retina_shape_delta_std: float = DetectorConfig.retina_shape_delta_std
     baseline: RCNNSettings = field(default_factory=RCNNSettings)
     guided: RCNNSettings = field(default_factory=lambda: RCNNSettings(300, 300, 0.6, 256))
     score_thresh: float = field(default=0.05, metadata=INFERENCE_ONLY)
@@ -86,6 +88,8 @@ class DetectorsConfig:
             representation_size=self.representation_size if two_stage else DetectorConfig.representation_size,
             retina_octave_base_scale=self.retina_octave_base_scale if not two_stage else DetectorConfig.retina_octave_base_scale,
             retina_group_norm=self.retina_group_norm and not two_stage,
+            retina_num_convs=self.retina_num_convs if not two_stage else DetectorConfig.retina_num_convs,
+            retina_shape_delta_std=self.retina_shape_delta_std if kind == "retinanet" and guided else DetectorConfig.retina_shape_delta_std,
             score_thresh=self.score_thresh,
             nms_thresh=self.nms_thresh,
             detections_per_image=self.detections_per_image,
